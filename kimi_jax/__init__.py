@@ -1,0 +1,17 @@
+"""Kimi K2.5 in JAX and Flax NNX."""
+
+from kimi_jax.checkpoint import load
+from kimi_jax.config import KimiConfig, TextConfig, UnsupportedConfigError, kimi_k25_config
+from kimi_jax.convert import ConversionError, convert
+from kimi_jax.model import Kimi
+
+__all__ = [
+    "ConversionError",
+    "Kimi",
+    "KimiConfig",
+    "TextConfig",
+    "UnsupportedConfigError",
+    "convert",
+    "kimi_k25_config",
+    "load",
+]

@@ -1,0 +1,130 @@
+"""The Kimi K2 / K2.5 decoder and the top-level model.
+
+Einsum letters: B batch, T positions, D model, V vocabulary.
+
+``Kimi`` mirrors the checkpoint's top level: ``language_model`` now; ``vision_tower`` and
+``mm_projector`` join it with the vision model. Setting ``capture=True`` on a model (see
+:meth:`Kimi.capture_intermediates`) records named activations and routing decisions as
+``nnx.Intermediate`` values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.attention import MLA
+from kimi_jax.config import KimiConfig, TextConfig
+from kimi_jax.layers import rms_norm, rope_attention_factor, rope_table, weight, yarn_inv_freq
+from kimi_jax.moe import MLP, MoE
+
+
+class DecoderLayer(nnx.Module):
+    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``; the MLP is dense or MoE."""
+
+    def __init__(self, cfg: TextConfig, index: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
+        self.eps = cfg.rms_norm_eps
+        self.capture = False
+        D = cfg.hidden_size
+        self.input_layernorm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        self.self_attn = MLA(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        if cfg.is_moe_layer(index):
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, impl=moe_impl)
+        else:
+            self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        normed = rms_norm(x, self.input_layernorm[...], self.eps)
+        attn = self.self_attn(normed, cos, sin, mask)
+        h = x + attn
+        mlp = self.mlp(rms_norm(h, self.post_attention_layernorm[...], self.eps))
+        if self.capture:
+            self.sow(nnx.Intermediate, "input_norm", normed)
+            self.sow(nnx.Intermediate, "attn_out", attn)
+            self.sow(nnx.Intermediate, "mlp_out", mlp)
+        return h + mlp
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers, final norm and the (untied) lm_head."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str = "grouped"):
+        self.cfg = cfg
+        self.dtype = dtype
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), dtype)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B, T, R/2] for ``positions`` [B, T]; computed once per step."""
+        inv_freq = jnp.asarray(yarn_inv_freq(self.cfg))
+        return rope_table(positions, inv_freq, rope_attention_factor(self.cfg))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and lm_head; logits in float32."""
+        h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Full-sequence forward: ``input_ids`` [B, T] -> logits [B, T, V] (float32).
+
+        ``positions`` default to 0..T-1; ``attention_mask`` [B, T] marks real tokens (keys
+        where it is 0 are never attended to).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask = jnp.tril(jnp.ones((T, T), bool))[None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        mask = jnp.broadcast_to(mask, (B, T, T))
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.logits(x)
+
+
+class Kimi(nnx.Module):
+    """Kimi K2 / K2.5: ``model(input_ids)`` [B, T] -> logits [B, T, V]."""
+
+    def __init__(
+        self,
+        config: KimiConfig,
+        *,
+        dtype: jnp.dtype = jnp.bfloat16,
+        rngs: nnx.Rngs | None = None,
+        moe_impl: str = "grouped",
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.language_model = TextModel(config.text, dtype=self.dtype, rngs=rngs, moe_impl=moe_impl)
+
+    def __call__(self, input_ids: jax.Array, **kwargs) -> jax.Array:
+        return self.language_model(jnp.asarray(input_ids), **kwargs)
+
+    def capture_intermediates(self, on: bool = True) -> None:
+        """Record per-layer activations and routing as ``nnx.Intermediate`` (pop with ``nnx.pop``)."""
+        self.set_attributes(capture=on, raise_if_not_found=False)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Switch every MoE layer between the ``grouped`` and ``reference`` expert paths."""
+        for layer in self.language_model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.set_impl(impl)

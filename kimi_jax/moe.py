@@ -1,0 +1,147 @@
+"""Feed-forward blocks: the dense SwiGLU MLP, the router and the routed experts.
+
+Einsum letters: T tokens, D model, F hidden, E experts, K chosen experts per token.
+
+The routed experts have two implementations sharing one router:
+- ``reference``: every token gathers the weights of its K chosen experts. Obviously right,
+  memory-hungry; the yardstick the other path is tested against.
+- ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
+  contiguous groups (:func:`grouped_matmul`), unsorted and combined. The production path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import TextConfig
+from kimi_jax.layers import Buffer, weight
+
+MOE_IMPLS = ("grouped", "reference")
+
+
+class MLP(nnx.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))``: the dense layers' MLP and the shared experts."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.gate_proj = weight(rngs, (d_model, d_hidden), ("embed", "mlp"), dtype)
+        self.up_proj = weight(rngs, (d_model, d_hidden), ("embed", "mlp"), dtype)
+        self.down_proj = weight(rngs, (d_hidden, d_model), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        return h @ self.down_proj[...]
+
+
+class Router(nnx.Module):
+    """Sigmoid router with a selection-only correction bias and group-limited top-k."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = weight(rngs, (cfg.hidden_size, E), ("embed", "router"), dtype)
+        self.e_score_correction_bias = weight(rngs, (E,), ("router",), jnp.float32, init="zeros", kind=Buffer)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Routes tokens ``x`` [T, D].
+
+        Returns the combine weights [T, K] (float32), the chosen experts [T, K] (int32) and
+        the sigmoid scores [T, E] (float32).
+        """
+        logits = jnp.einsum(
+            "td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        scores = jax.nn.sigmoid(logits)
+        weights, idx = select_experts(scores, self.e_score_correction_bias[...], self.cfg)
+        return weights, idx, scores
+
+
+def select_experts(scores: jax.Array, bias: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
+    """Group-limited top-k on ``scores + bias``; weights from the unbiased scores [T, E]."""
+    choice = scores + bias
+    G = cfg.n_group
+    if G > 1:
+        T, E = choice.shape
+        grouped = choice.reshape(T, G, E // G)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        kept = jax.lax.top_k(group_score, cfg.topk_group)[1]
+        group_mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], kept].set(True)
+        choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, -jnp.inf)
+    idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+    """The routed experts' SwiGLU weights, stacked over experts."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
+        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
+        self.down_proj = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), dtype)
+
+
+def experts_reference(experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Each token through its chosen experts, gathering their weights: [T, D] -> [T, K, D]."""
+    gate = jnp.einsum("td,tkdf->tkf", x, experts.gate_proj[...][idx])
+    up = jnp.einsum("td,tkdf->tkf", x, experts.up_proj[...][idx])
+    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, experts.down_proj[...][idx])
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Rows of ``x`` [M, I] grouped contiguously by expert, times that expert's ``w`` [E, I, O]."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def experts_grouped(experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Token copies sorted by expert, grouped matmuls, unsorted: [T, D] -> [T, K, D]."""
+    T, K = idx.shape
+    E = experts.gate_proj.shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // K]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj[...], sizes))
+    h = h * grouped_matmul(rows, experts.up_proj[...], sizes)
+    out = grouped_matmul(h, experts.down_proj[...], sizes)
+    return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
+
+
+class MoE(nnx.Module):
+    """Routed experts plus the shared experts every token passes through."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, impl: str = "grouped"):
+        self.set_impl(impl)
+        self.capture = False
+        self.gate = Router(cfg, dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def set_impl(self, impl: str) -> None:
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose from {MOE_IMPLS}")
+        self.impl = impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(tokens)
+        if self.capture:
+            self.sow(nnx.Intermediate, "router_scores", scores)
+            self.sow(nnx.Intermediate, "router_idx", idx)
+            self.sow(nnx.Intermediate, "router_weights", weights)
+        run = experts_grouped if self.impl == "grouped" else experts_reference
+        per_expert = run(self.experts, tokens, idx)
+        routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(tokens)
+        return routed.reshape(shape)

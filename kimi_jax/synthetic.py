@@ -25,7 +25,6 @@ TINY_TEXT = dict(
     num_hidden_layers=3, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=32,
     qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20, n_routed_experts=16,
     num_experts_per_tok=4, n_shared_experts=1, max_position_embeddings=8192,
-    bos_token_id=500, eos_token_id=501, pad_token_id=511,
 )
 TINY_VISION = dict(
     vt_hidden_size=64, vt_intermediate_size=96, vt_num_attention_heads=4, vt_num_hidden_layers=2,
@@ -41,16 +40,21 @@ def k25_config(text: dict[str, Any] | None = None, vision: dict[str, Any] | None
     the top level; with ``multimodal=False`` the vision config is dropped.
     """
     cfg = json.loads((builtin_config_dir("kimi-k2.5") / "config.json").read_text())
+    real_vocab = cfg["text_config"]["vocab_size"]
     cfg["text_config"].pop("quantization_config", None)
     cfg["text_config"].update(text or {})
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in cfg["text_config"]:
-            cfg[key] = cfg["text_config"][key]
+    text_cfg = cfg["text_config"]
+    text_cfg["num_key_value_heads"] = text_cfg["num_attention_heads"]
+    vocab = text_cfg["vocab_size"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "media_placeholder_token_id"):
+        # Special ids keep their distance from the end of the vocabulary.
+        if key != "media_placeholder_token_id" and key not in (text or {}):
+            text_cfg[key] = vocab - (real_vocab - text_cfg[key])
+        cfg[key] = vocab - (real_vocab - cfg[key]) if key not in (text or {}) else text_cfg[key]
     cfg["text_config"]["dtype"] = cfg["dtype"] = "bfloat16"
     if multimodal:
         cfg["vision_config"].update(vision or {})
         cfg["vision_config"]["text_hidden_size"] = cfg["text_config"]["hidden_size"]
-        cfg["media_placeholder_token_id"] = min(cfg["media_placeholder_token_id"], cfg["text_config"]["vocab_size"] - 1)
     else:
         del cfg["vision_config"]
     cfg.update(top or {})

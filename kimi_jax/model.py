@@ -3,9 +3,8 @@
 Einsum letters: B batch, T positions, D model, V vocabulary.
 
 ``Kimi`` mirrors the checkpoint's top level: ``language_model`` now; ``vision_tower`` and
-``mm_projector`` join it with the vision model. Setting ``capture=True`` on a model (see
-:meth:`Kimi.capture_intermediates`) records named activations and routing decisions as
-``nnx.Intermediate`` values.
+``mm_projector`` join it with the vision model. :meth:`Kimi.trace` runs the model and
+returns named per-layer activations and routing decisions alongside the logits.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str = "grouped"):
         self.cfg = cfg
         self.dtype = dtype
+        self.capture = False
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
@@ -72,6 +72,8 @@ class TextModel(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and lm_head; logits in float32."""
         h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
+        if self.capture:
+            self.sow(nnx.Intermediate, "final_norm", h)
         return jnp.einsum("btd,dv->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def __call__(
@@ -95,6 +97,8 @@ class TextModel(nnx.Module):
         mask = jnp.broadcast_to(mask, (B, T, T))
         cos, sin = self.rope(positions)
         x = self.embed(input_ids)
+        if self.capture:
+            self.sow(nnx.Intermediate, "embed", x)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.logits(x)
@@ -117,14 +121,32 @@ class Kimi(nnx.Module):
         self.language_model = TextModel(config.text, dtype=self.dtype, rngs=rngs, moe_impl=moe_impl)
 
     def __call__(self, input_ids: jax.Array, **kwargs) -> jax.Array:
-        return self.language_model(jnp.asarray(input_ids), **kwargs)
+        """Logits [B, T, V] (float32) for ``input_ids`` [B, T]; compiled once per shape."""
+        return _forward(self.language_model, jnp.asarray(input_ids), **kwargs)
 
-    def capture_intermediates(self, on: bool = True) -> None:
-        """Record per-layer activations and routing as ``nnx.Intermediate`` (pop with ``nnx.pop``)."""
-        self.set_attributes(capture=on, raise_if_not_found=False)
+    def trace(self, input_ids: jax.Array, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits plus named intermediates: per layer ``input_norm``, ``attn_out``, ``mlp_out``
+        and, in MoE layers, ``router_scores`` [T, E], ``router_idx`` / ``router_weights`` [T, K],
+        keyed like ``"layers.1.router_idx"`` (T = batch x sequence, flattened).
+        """
+        self.set_attributes(capture=True, raise_if_not_found=False)
+        try:
+            logits, inter = nnx.capture(self.language_model, nnx.Intermediate)(jnp.asarray(input_ids), **kwargs)
+        finally:
+            self.set_attributes(capture=False, raise_if_not_found=False)
+        named = {}
+        for path, value in nnx.to_flat_state(inter):
+            keep = [str(p) for p in path if p not in ("language_model", "mlp")]
+            named[".".join(keep)] = value.get_value()[0]
+        return logits, named
 
     def set_moe_impl(self, impl: str) -> None:
         """Switch every MoE layer between the ``grouped`` and ``reference`` expert paths."""
         for layer in self.language_model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.set_impl(impl)
+
+
+@nnx.jit
+def _forward(text: TextModel, input_ids: jax.Array, **kwargs) -> jax.Array:
+    return text(input_ids, **kwargs)

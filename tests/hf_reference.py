@@ -32,7 +32,8 @@ def load_hf_text_model(folder: Path, work: Path) -> DeepseekV3ForCausalLM:
             tensors[name.removeprefix("language_model.")] = np.asarray(t, np.float32)
     save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
     model, info = DeepseekV3ForCausalLM.from_pretrained(
-        work, config=DeepseekV3Config.from_pretrained(work), dtype=torch.float32, output_loading_info=True
+        work, config=DeepseekV3Config.from_pretrained(work), dtype=torch.float32, output_loading_info=True,
+        attn_implementation="eager",
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()

@@ -82,12 +82,69 @@ def test_logits_match_transformers(case):
 def test_routing_is_not_uniform(case):
     """The random weights route tokens unevenly, so a routing bug cannot hide."""
     _, model, _, ids = case
-    model.capture_intermediates()
-    model(ids)
-    import flax.nnx as nnx
-
-    inter = nnx.pop(model, nnx.Intermediate)
-    model.capture_intermediates(False)
-    idx = [v for p, v in nnx.to_flat_state(inter) if p[-1] == "router_idx"]
-    counts = np.bincount(np.asarray(idx[0].get_value()[0]).ravel())
+    _, inter = model.trace(ids)
+    idx = next(v for k, v in inter.items() if k.endswith("router_idx"))
+    counts = np.bincount(np.asarray(idx).ravel())
     assert counts.max() > 1.5 * counts.mean()
+
+
+# ------------------------------------------------------------------ components
+
+
+def _hidden(model, ids, seed=1):
+    D = model.config.text.hidden_size
+    return np.random.default_rng(seed).normal(size=(*ids.shape, D)).astype(np.float32)
+
+
+def test_yarn_inverse_frequencies_and_softmax_scale(case):
+    from kimi_jax.layers import rope_attention_factor, yarn_inv_freq
+
+    _, model, ref, _ = case
+    cfg = model.config.text
+    np.testing.assert_allclose(yarn_inv_freq(cfg), ref.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    assert rope_attention_factor(cfg) == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-6)
+    assert cfg.softmax_scale == pytest.approx(ref.model.layers[0].self_attn.scaling, rel=1e-6)
+
+
+def test_router_choices_and_weights(case):
+    _, model, ref, ids = case
+    cfg = model.config.text
+    i = cfg.first_k_dense_replace
+    x = _hidden(model, ids).reshape(-1, cfg.hidden_size)
+    weights, idx, _ = model.language_model.layers[i].mlp.gate(x)
+    with torch.no_grad():
+        _, ref_w, ref_idx = ref.model.layers[i].mlp.gate(torch.as_tensor(x))
+    order, ref_order = np.argsort(np.asarray(idx), -1), np.argsort(ref_idx.numpy(), -1)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(idx), order, -1),
+                                  np.take_along_axis(ref_idx.numpy(), ref_order, -1))
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1),
+                               np.take_along_axis(ref_w.numpy(), ref_order, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_one_mla_block(case):
+    import jax.numpy as jnp
+
+    _, model, ref, ids = case
+    x = _hidden(model, ids)
+    B, T = ids.shape
+    lm = model.language_model
+    cos, sin = lm.rope(jnp.broadcast_to(jnp.arange(T), (B, T)))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    ours = np.asarray(lm.layers[0].self_attn(jnp.asarray(x), cos, sin, mask))
+    xt = torch.as_tensor(x)
+    pos = torch.arange(T)[None].expand(B, T)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(B, 1, T, T)
+    with torch.no_grad():
+        pe = ref.model.rotary_emb(xt, pos)
+        theirs = ref.model.layers[0].self_attn(xt, position_embeddings=pe, attention_mask=causal)[0].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
+
+
+def test_one_moe_block(case):
+    _, model, ref, ids = case
+    i = model.config.text.first_k_dense_replace
+    x = _hidden(model, ids)
+    ours = np.asarray(model.language_model.layers[i].mlp(x))
+    with torch.no_grad():
+        theirs = ref.model.layers[i].mlp(torch.as_tensor(x)).numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5

@@ -1,0 +1,1 @@
+"""Vision side of Kimi K2.5: media preprocessing (``preprocess``) and the MoonViT tower."""

@@ -22,7 +22,9 @@ from kimi_jax.moe import MLP, MoE
 class DecoderLayer(nnx.Module):
     """``h = x + attn(norm(x)); out = h + mlp(norm(h))``; the MLP is dense or MoE."""
 
-    def __init__(self, cfg: TextConfig, index: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
+    def __init__(
+        self, cfg: TextConfig, index: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str, expert_format: str
+    ):
         self.eps = cfg.rms_norm_eps
         self.capture = False
         D = cfg.hidden_size
@@ -30,7 +32,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = MLA(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = weight(rngs, (D,), ("norm",), dtype, init="ones")
         if cfg.is_moe_layer(index):
-            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, impl=moe_impl)
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, impl=moe_impl, expert_format=expert_format)
         else:
             self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
@@ -49,14 +51,25 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embedding, decoder layers, final norm and the (untied) lm_head."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str = "grouped"):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        moe_impl: str = "grouped",
+        expert_format: str = "dense",
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.capture = False
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl) for i in range(cfg.num_hidden_layers)]
+            [
+                DecoderLayer(cfg, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl, expert_format=expert_format)
+                for i in range(cfg.num_hidden_layers)
+            ]
         )
         self.norm = weight(rngs, (D,), ("norm",), dtype, init="ones")
         self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), dtype)
@@ -105,7 +118,10 @@ class TextModel(nnx.Module):
 
 
 class Kimi(nnx.Module):
-    """Kimi K2 / K2.5: ``model(input_ids)`` [B, T] -> logits [B, T, V]."""
+    """Kimi K2 / K2.5: ``model(input_ids)`` [B, T] -> logits [B, T, V].
+
+    ``expert_format`` selects how the routed experts are stored (see ``kimi_jax.moe``).
+    """
 
     def __init__(
         self,
@@ -114,11 +130,14 @@ class Kimi(nnx.Module):
         dtype: jnp.dtype = jnp.bfloat16,
         rngs: nnx.Rngs | None = None,
         moe_impl: str = "grouped",
+        expert_format: str = "dense",
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.language_model = TextModel(config.text, dtype=self.dtype, rngs=rngs, moe_impl=moe_impl)
+        self.language_model = TextModel(
+            config.text, dtype=self.dtype, rngs=rngs, moe_impl=moe_impl, expert_format=expert_format
+        )
 
     def __call__(self, input_ids: jax.Array, **kwargs) -> jax.Array:
         """Logits [B, T, V] (float32) for ``input_ids`` [B, T]; compiled once per shape."""

@@ -19,6 +19,7 @@ from kimi_jax.config import TextConfig
 from kimi_jax.layers import Buffer, weight
 
 MOE_IMPLS = ("grouped", "reference")
+EXPERT_FORMATS = ("dense",)
 
 
 class MLP(nnx.Module):
@@ -115,7 +116,11 @@ def experts_grouped(experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array
 class MoE(nnx.Module):
     """Routed experts plus the shared experts every token passes through."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, impl: str = "grouped"):
+    def __init__(
+        self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, impl: str = "grouped", expert_format: str = "dense"
+    ):
+        if expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"unknown expert format {expert_format!r}; choose from {EXPERT_FORMATS}")
         self.set_impl(impl)
         self.capture = False
         self.gate = Router(cfg, dtype=dtype, rngs=rngs)

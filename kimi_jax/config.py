@@ -228,6 +228,8 @@ class KimiConfig:
     def from_file(cls, path: str | Path) -> KimiConfig:
         """Reads ``config.json`` (or the ``config.json`` inside a folder)."""
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

@@ -330,4 +330,5 @@ def _write_params(path: Path, targets: list[Target], source: SafetensorsSource, 
             ocp.partial.save(path, _nest(items))
             bar.update(sum(t.nbytes for t in group))
             del items
+            source.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
     ocp.partial.finalize(path)

@@ -38,13 +38,17 @@ def load(
     """Loads a converted checkpoint: ``model = load(path)``; ``model(input_ids)`` -> logits.
 
     ``dtype`` (default: the checkpoint's) sets parameters and activations; arrays are cast
-    while they are read.
+    while they are read. INT4 experts (``expert_format`` ``"int4"`` in ``kimi_jax.json``)
+    stay int4 with bfloat16 scales whatever ``dtype``; they are dequantized to it in use.
     """
     path = Path(path)
     info = checkpoint_info(path)
     config = KimiConfig.from_file(path / "config.json")
     dtype = jnp.dtype(DTYPES[info["dtype"]] if dtype is None else dtype)
-    abstract = nnx.eval_shape(lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl))
+    expert_format = info.get("expert_format", "dense")
+    abstract = nnx.eval_shape(
+        lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl, expert_format=expert_format)
+    )
     graphdef, state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(

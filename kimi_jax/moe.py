@@ -7,9 +7,21 @@ The routed experts have two implementations sharing one router:
   memory-hungry; the yardstick the other path is tested against.
 - ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
   contiguous groups (:func:`grouped_matmul`), unsorted and combined. The production path.
+
+The experts' storage format (``EXPERT_FORMATS``):
+- ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
+- ``int4``: :class:`Int4Experts`, the official checkpoint's symmetric INT4 kept on the
+  device: per projection ``q`` int4 ``[E, out, in]`` and bfloat16 ``scales``
+  ``[E, out, in / 32]`` (W = q * scale), 4.5 bits per weight. Weights are dequantized to
+  the activations' dtype only where they are used: the reference path dequantizes each
+  token's gathered experts; the grouped path dequantizes one projection of the experts
+  taking part (all E when the token copies outnumber the experts, otherwise only the ones
+  chosen) just before its grouped matmul.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +29,12 @@ from flax import nnx
 
 from kimi_jax.config import TextConfig
 from kimi_jax.layers import Buffer, weight
+from kimi_jax.quant import dequantize, int4_ragged_dot
 
 MOE_IMPLS = ("grouped", "reference")
-EXPERT_FORMATS = ("dense",)
+EXPERT_FORMATS = ("dense", "int4")
+INT4_GROUP_SIZE = 32
+"""Input columns per scale in the ``int4`` format (Kimi K2.5 / K2-Thinking use 32)."""
 
 
 class MLP(nnx.Module):
@@ -78,38 +93,100 @@ def select_experts(scores: jax.Array, bias: jax.Array, cfg: TextConfig) -> tuple
 
 
 class Experts(nnx.Module):
-    """The routed experts' SwiGLU weights, stacked over experts."""
+    """The routed experts' SwiGLU weights, stacked over experts: ``[E, in, out]``."""
 
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
         self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
         self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
         self.down_proj = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), dtype)
 
 
-def experts_reference(experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+class Int4Weight(nnx.Module):
+    """One projection of every expert in INT4: ``q`` int4 ``[E, out, in]``, ``scales`` bf16
+    ``[E, out, in / 32]``; W = q * scale (the checkpoint's orientation, PyTorch ``[out, in]``).
+
+    Random init: q uniform on [-8, 7] and one scale, so W has standard deviation ``std``.
+    """
+
+    def __init__(self, n_experts: int, d_out: int, d_in: int, axes: tuple[str, str, str], *,
+                 rngs: nnx.Rngs, std: float = 0.02):
+        if d_in % INT4_GROUP_SIZE:
+            raise ValueError(f"int4 experts: in-features {d_in} is not a multiple of {INT4_GROUP_SIZE}")
+        shape = (n_experts, d_out, d_in)
+        q = jax.random.randint(rngs.params(), shape, -8, 8, jnp.int8).astype(jnp.int4)
+        q_std = math.sqrt((16**2 - 1) / 12)  # of the uniform distribution on [-8, 7]
+        self.q = nnx.Param(q, axes=axes)
+        self.scales = nnx.Param(
+            jnp.full((n_experts, d_out, d_in // INT4_GROUP_SIZE), std / q_std, jnp.bfloat16), axes=axes
+        )
+
+    def gathered(self, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """The weights of experts ``idx`` [...] dequantized to ``dtype``: [..., in, out]."""
+        w = dequantize(self.q[...][idx], self.scales[...][idx], INT4_GROUP_SIZE, dtype)
+        return jnp.swapaxes(w, -1, -2)
+
+
+class Int4Experts(nnx.Module):
+    """The routed experts' SwiGLU weights in INT4 (see :class:`Int4Weight`)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_proj = Int4Weight(E, F, D, ("expert", "expert_mlp", "embed"), rngs=rngs)
+        self.up_proj = Int4Weight(E, F, D, ("expert", "expert_mlp", "embed"), rngs=rngs)
+        self.down_proj = Int4Weight(E, D, F, ("expert", "embed", "expert_mlp"), rngs=rngs)
+
+
+def _gathered(proj: nnx.Param | Int4Weight, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """One projection's weights for experts ``idx`` [...] -> [..., in, out]."""
+    return proj.gathered(idx, dtype) if isinstance(proj, Int4Weight) else proj[...][idx]
+
+
+def experts_reference(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
     """Each token through its chosen experts, gathering their weights: [T, D] -> [T, K, D]."""
-    gate = jnp.einsum("td,tkdf->tkf", x, experts.gate_proj[...][idx])
-    up = jnp.einsum("td,tkdf->tkf", x, experts.up_proj[...][idx])
-    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, experts.down_proj[...][idx])
+    gate = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.gate_proj, idx, x.dtype))
+    up = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.up_proj, idx, x.dtype))
+    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, _gathered(experts.down_proj, idx, x.dtype))
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Rows of ``x`` [M, I] grouped contiguously by expert, times that expert's ``w`` [E, I, O]."""
+def grouped_matmul(
+    x: jax.Array, proj: nnx.Param | Int4Weight, group_sizes: jax.Array, experts: jax.Array | None = None
+) -> jax.Array:
+    """Rows of ``x`` [M, I] grouped contiguously by expert, times that expert's weight -> [M, O].
+
+    ``group_sizes`` counts the rows of each expert in ``experts`` (ids into the stack; all
+    E experts in order when None).
+    """
+    if isinstance(proj, Int4Weight):
+        q, scales = proj.q[...], proj.scales[...]
+        if experts is not None:
+            q, scales = q[experts], scales[experts]
+        return int4_ragged_dot(x, q, scales, group_sizes, INT4_GROUP_SIZE)
+    w = proj[...] if experts is None else proj[...][experts]
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def experts_grouped(experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
-    """Token copies sorted by expert, grouped matmuls, unsorted: [T, D] -> [T, K, D]."""
+def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Token copies sorted by expert, grouped matmuls, unsorted: [T, D] -> [T, K, D].
+
+    INT4 experts with fewer token copies than experts (decoding) first gather the experts
+    in use (at most T * K, padded with empty groups), so only those are dequantized.
+    """
     T, K = idx.shape
-    E = experts.gate_proj.shape[0]
+    E = experts.n_experts
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // K]
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj[...], sizes))
-    h = h * grouped_matmul(rows, experts.up_proj[...], sizes)
-    out = grouped_matmul(h, experts.down_proj[...], sizes)
+    used = None
+    if isinstance(experts, Int4Experts) and T * K < E:
+        used = jnp.nonzero(sizes, size=T * K, fill_value=0)[0]  # ascending, like the sorted rows
+        sizes = jnp.where(jnp.arange(T * K) < jnp.count_nonzero(sizes), sizes[used], 0)
+    h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj, sizes, used))
+    h = h * grouped_matmul(rows, experts.up_proj, sizes, used)
+    out = grouped_matmul(h, experts.down_proj, sizes, used)
     return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
 
 
@@ -124,7 +201,9 @@ class MoE(nnx.Module):
         self.set_impl(impl)
         self.capture = False
         self.gate = Router(cfg, dtype=dtype, rngs=rngs)
-        self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
+        self.experts = (
+            Int4Experts(cfg, rngs=rngs) if expert_format == "int4" else Experts(cfg, dtype=dtype, rngs=rngs)
+        )
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
             if cfg.n_shared_experts

@@ -295,6 +295,8 @@ def int4_ragged_dot(
 
     q ``[E, out, in]``, scales ``[E, out, in/group]``, ``group_sizes`` ``[E]`` rows per
     expert (as ``jax.lax.ragged_dot``) -> ``[M, out]`` in x's dtype, float32 accumulation.
+    Every expert given is dequantized (to one ``[E, out, in]`` array in x's dtype), so pass
+    only the experts in use when they are few.
     """
     w = dequantize(q, scales, group_size, x.dtype)
     dims = jax.lax.RaggedDotDimensionNumbers(

@@ -1,9 +1,10 @@
-"""Parameter counts by component, and the config summary ``kimi-jax info`` prints."""
+"""Parameter counts and on-device bytes by component, and the config summary ``kimi-jax info`` prints."""
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from kimi_jax.config import KimiConfig
@@ -38,6 +39,36 @@ def parameter_counts(config: KimiConfig) -> dict[str, int]:
     for path, leaf in _leaf_paths(abstract_params(config, jnp.bfloat16)["language_model"]):
         counts[component_of(path)] += math.prod(leaf.shape)
     return counts
+
+
+def device_bytes(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "dense") -> dict[str, int]:
+    """Decoder bytes on the device by component, for parameters in ``dtype`` and routed experts
+    in ``expert_format`` (``int4``: half a byte per value plus the bfloat16 scales)."""
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    for path, leaf in _leaf_paths(abstract_params(config, dtype, expert_format)["language_model"]):
+        sizes[component_of(path)] += math.prod(leaf.shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8
+    return sizes
+
+
+def bits_per_expert_parameter(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "dense") -> float:
+    """Device bits per routed-expert weight: 16 for bfloat16, 4 + 16 / 32 = 4.5 for ``int4``."""
+    n = parameter_counts(config)["routed_experts"]
+    return 8 * device_bytes(config, dtype, expert_format)["routed_experts"] / n
+
+
+def default_expert_format(config: KimiConfig) -> str:
+    """The routed experts' format ``kimi-jax convert`` produces by default for this config:
+    ``int4`` when its ``quantization_config`` is compressed-tensors (INT4 experts stay 4-bit)."""
+    q = config.quantization_config or {}
+    return "int4" if q.get("quant_method") == "compressed-tensors" else "dense"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
 
 
 def active_parameters(config: KimiConfig, counts: dict[str, int]) -> int:

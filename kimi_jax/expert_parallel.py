@@ -120,10 +120,18 @@ def expert_parallel_moe(
             mine = jax.lax.all_gather(mine, ep, tiled=True)
         return mine[:T]
 
-    return jax.shard_map(
+    T = x.shape[0]
+    shards = 1
+    for a in token_axes:
+        shards *= mesh.shape[a]
+    pad = -T % shards  # padding tokens have zero router weights; their rows are dropped at the end
+    if pad:
+        x, idx, weights = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, idx, weights))
+    out = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(tok, tok, tok, expert_specs),
         out_specs=tok,
         check_vma=False,
     )(x, idx, weights, expert_state)
+    return out[:T]

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kimi_jax import sharding
 from kimi_jax.config import TextConfig
+from kimi_jax.expert_parallel import expert_parallel_moe
 from kimi_jax.layers import Buffer, weight
 from kimi_jax.quant import dequantize, int4_ragged_dot
 
@@ -152,19 +154,25 @@ def experts_reference(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Arr
 
 
 def grouped_matmul(
-    x: jax.Array, proj: nnx.Param | Int4Weight, group_sizes: jax.Array, experts: jax.Array | None = None
+    x: jax.Array, proj: nnx.Param | Int4Weight | jax.Array | dict, group_sizes: jax.Array,
+    experts: jax.Array | None = None,
 ) -> jax.Array:
     """Rows of ``x`` [M, I] grouped contiguously by expert, times that expert's weight -> [M, O].
 
-    ``group_sizes`` counts the rows of each expert in ``experts`` (ids into the stack; all
-    E experts in order when None).
+    ``proj`` is a projection of :class:`Experts` / :class:`Int4Experts` or its raw value (an
+    array ``[E, I, O]``, or ``{"q", "scales"}`` of the INT4 format). ``group_sizes`` counts
+    the rows of each expert in ``experts`` (ids into the stack; all experts in order when None).
     """
     if isinstance(proj, Int4Weight):
-        q, scales = proj.q[...], proj.scales[...]
+        proj = {"q": proj.q[...], "scales": proj.scales[...]}
+    elif isinstance(proj, nnx.Variable):
+        proj = proj[...]
+    if isinstance(proj, dict):
+        q, scales = proj["q"], proj["scales"]
         if experts is not None:
             q, scales = q[experts], scales[experts]
         return int4_ragged_dot(x, q, scales, group_sizes, INT4_GROUP_SIZE)
-    w = proj[...] if experts is None else proj[...][experts]
+    w = proj if experts is None else proj[experts]
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -223,9 +231,49 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)
             self.sow(nnx.Intermediate, "router_weights", weights)
-        run = experts_grouped if self.impl == "grouped" else experts_reference
-        per_expert = run(self.experts, tokens, idx)
-        routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
+        layout = sharding.active()
+        if layout is not None and self.impl == "grouped":
+            routed = self._expert_parallel(tokens, idx, weights, *layout)
+        else:
+            run = experts_grouped if self.impl == "grouped" else experts_reference
+            per_expert = run(self.experts, tokens, idx)
+            routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)
         return routed.reshape(shape)
+
+    def _expert_parallel(self, tokens, idx, weights, mesh, layout) -> jax.Array:
+        """The grouped path inside ``shard_map``, experts split by the active layout."""
+        state = nnx.state(self.experts)
+        values, specs = {}, {}
+        for path, var in nnx.to_flat_state(state):
+            key = "/".join(map(str, path))
+            values[key] = var.get_value()
+            specs[key] = layout.spec(var.get_metadata()["axes"], var.shape)
+
+        def local(values, rows, ids, valid):
+            del valid  # rows past the valid ones are in no group; their outputs are discarded
+            w = _nest_projections(values)
+            e_local = jax.tree.leaves(w["gate_proj"])[0].shape[0]
+            sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
+            h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes))
+            h = h * grouped_matmul(rows, w["up_proj"], sizes)
+            return grouped_matmul(h, w["down_proj"], sizes)
+
+        return expert_parallel_moe(
+            tokens, idx, weights, values, specs, local, mesh=mesh, n_experts=self.experts.n_experts,
+            expert_axes=layout.mesh_axes_of("expert"), token_axes=layout.mesh_axes_of("batch"),
+            hidden_axes=layout.mesh_axes_of("expert_mlp"),
+        )
+
+
+def _nest_projections(values: dict[str, jax.Array]) -> dict:
+    """``{"gate_proj": array}`` or ``{"gate_proj/q": .., "gate_proj/scales": ..}`` -> per projection."""
+    out: dict = {}
+    for key, value in values.items():
+        name, _, part = key.partition("/")
+        if part:
+            out.setdefault(name, {})[part] = value
+        else:
+            out[name] = value
+    return out

@@ -10,6 +10,8 @@ name are replicated.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -186,3 +188,25 @@ def state_shardings(state, mesh: Mesh, layout: Layout) -> dict:
             node = node.setdefault(k, {})
         node[path[-1]] = sharding
     return tree
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Layout] | None] = contextvars.ContextVar("kimi_jax_layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(mesh: Mesh, layout: Layout):
+    """Makes ``mesh`` / ``layout`` the active ones: the MoE layers run expert-parallel on them.
+
+    Functions traced inside the context (jit) bake the choice in; call them inside it.
+    """
+    token = _ACTIVE.set((mesh, layout))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Layout] | None:
+    """The ``(mesh, layout)`` set by :func:`use_layout`, if any."""
+    return _ACTIVE.get()

@@ -3,6 +3,7 @@
 from kimi_jax.checkpoint import load
 from kimi_jax.config import KimiConfig, TextConfig, UnsupportedConfigError, kimi_k25_config
 from kimi_jax.convert import ConversionError, convert
+from kimi_jax.generation import generate
 from kimi_jax.model import Kimi
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "TextConfig",
     "UnsupportedConfigError",
     "convert",
+    "generate",
     "kimi_k25_config",
     "load",
 ]

@@ -9,6 +9,10 @@ Two mathematically equal forms share the weights:
 - ``absorbed``: ``kv_b_proj``'s key half is folded into the query and its value half applied
   after attending over the latent, so keys and values are never expanded. Used with the
   compressed cache, where each step has few queries and many cached keys.
+
+:meth:`MLA.cached` writes a step's latents into the compressed cache (``kimi_jax.cache``)
+and attends over the cache in either form, in key blocks for long caches;
+:func:`absorbed_is_cheaper` picks the form.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kimi_jax.cache import LayerCache
 from kimi_jax.config import QK_NORM_EPS, TextConfig
 from kimi_jax.layers import apply_rope, rms_norm, weight
 
@@ -61,25 +66,84 @@ class MLA(nnx.Module):
 
     def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
         """Attention with per-head keys/values expanded from the latent. Returns [B, T, D]."""
-        H = self.cfg.qk_nope_head_dim
-        kv = jnp.einsum("bsc,cnk->bsnk", c_kv, self.kv_b_proj[...])
-        k_nope, v = kv[..., :H], kv[..., H:]
-        scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("btnr,bsr->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
-        probs = self._softmax(scores, mask).astype(v.dtype)
-        out = jnp.einsum("bnts,bsnv->btnv", probs, v)
-        return jnp.einsum("btnv,nvd->btd", out, self.o_proj[...])
+        return self._attend(q_nope, q_pe, c_kv, k_pe, mask, absorbed=False)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
         """Attention over the latent itself (keys/values never expanded). Returns [B, T, D]."""
-        H = self.cfg.qk_nope_head_dim
-        w_k, w_v = self.kv_b_proj[..., :H], self.kv_b_proj[..., H:]
-        q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_k)
-        scores = jnp.einsum("btnc,bsc->bnts", q_lat, c_kv, preferred_element_type=jnp.float32)
+        return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True)
+
+    def attend_cache(
+        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, positions: jax.Array, *,
+        absorbed: bool, block: int,
+    ) -> jax.Array:
+        """Attention of queries at ``positions`` [B, T] over the cache slots up to their positions.
+
+        The slots are visited in blocks of ``block`` with an online softmax, so the scores
+        take [B, N, T, block] rather than [B, N, T, S], and blocks past the furthest query
+        position are not visited at all. Returns [B, T, D].
+        """
+        q = self._absorb(q_nope) if absorbed else q_nope
+        (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[1], q_pe.dtype
+        width = self.cfg.kv_lora_rank if absorbed else self.cfg.v_head_dim
+        lowest = jnp.finfo(jnp.float32).min
+
+        def visit(i, carry):
+            m, total, acc = carry
+            start = jnp.minimum(i * block, S - block)  # the last block is shifted back to fit
+            c_kv = jax.lax.dynamic_slice_in_dim(cache.c_kv, start, block, axis=1).astype(dtype)
+            k_pe = jax.lax.dynamic_slice_in_dim(cache.k_pe, start, block, axis=1).astype(dtype)
+            scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+            slots = start + jnp.arange(block)
+            # slots a shifted block shares with the previous one were counted already
+            visible = ((slots >= i * block) & (slots <= positions[..., None]))[:, None]
+            scores = jnp.where(visible, scores * self.cfg.softmax_scale, lowest)
+            m_new = jnp.maximum(m, scores.max(-1))
+            probs = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+            rescale = jnp.exp(m - m_new)
+            total = total * rescale + probs.sum(-1)
+            acc = acc * rescale.transpose(0, 2, 1)[..., None] + self._weigh(probs, values, absorbed)
+            return m_new, total, acc
+
+        init = (jnp.full((B, N, T), lowest), jnp.zeros((B, N, T)), jnp.zeros((B, T, N, width)))
+        n_blocks = jnp.minimum(jnp.max(positions) // block + 1, -(-S // block))
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, visit, init)
+        return self._project((acc / total.transpose(0, 2, 1)[..., None]).astype(dtype), absorbed)
+
+    def _absorb(self, q_nope: jax.Array) -> jax.Array:
+        """``q_nope`` [B, T, N, H] folded through ``kv_b_proj``'s key half: [B, T, N, C]."""
+        return jnp.einsum("btnh,cnh->btnc", q_nope, self.kv_b_proj[..., : self.cfg.qk_nope_head_dim])
+
+    def _attend(self, q, q_pe, c_kv, k_pe, mask, *, absorbed: bool) -> jax.Array:
+        scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+        probs = self._softmax(scores, mask)
+        return self._project(self._weigh(probs, values, absorbed).astype(c_kv.dtype), absorbed)
+
+    def _scores_and_values(self, q, q_pe, c_kv, k_pe, absorbed: bool) -> tuple[jax.Array, jax.Array]:
+        """Unscaled scores [B, N, T, S] (float32) and the values.
+
+        Absorbed (``q`` from :meth:`_absorb`): the values are the latents ``c_kv`` [B, S, C].
+        Expanded (``q`` is ``q_nope``): keys and values [B, S, N, V] are expanded from them.
+        """
+        if absorbed:
+            scores = jnp.einsum("btnc,bsc->bnts", q, c_kv, preferred_element_type=jnp.float32)
+            values = c_kv
+        else:
+            H = self.cfg.qk_nope_head_dim
+            kv = jnp.einsum("bsc,cnk->bsnk", c_kv, self.kv_b_proj[...])
+            scores = jnp.einsum("btnh,bsnh->bnts", q, kv[..., :H], preferred_element_type=jnp.float32)
+            values = kv[..., H:]
         scores += jnp.einsum("btnr,bsr->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
-        probs = self._softmax(scores, mask).astype(c_kv.dtype)
-        out_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
-        out = jnp.einsum("btnc,cnv->btnv", out_lat, w_v)
+        return scores, values
+
+    def _weigh(self, probs: jax.Array, values: jax.Array, absorbed: bool) -> jax.Array:
+        """``probs`` [B, N, T, S] times the values: [B, T, N, C] (absorbed) or [B, T, N, V], float32."""
+        spec = "bnts,bsc->btnc" if absorbed else "bnts,bsnv->btnv"
+        return jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+
+    def _project(self, out: jax.Array, absorbed: bool) -> jax.Array:
+        """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then ``o_proj``."""
+        if absorbed:
+            out = jnp.einsum("btnc,cnv->btnv", out, self.kv_b_proj[..., self.cfg.qk_nope_head_dim :])
         return jnp.einsum("btnv,nvd->btd", out, self.o_proj[...])
 
     def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -96,3 +160,33 @@ class MLA(nnx.Module):
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
         return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def cached(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
+        absorbed: bool, key_block: int,
+    ) -> tuple[jax.Array, LayerCache]:
+        """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over the cache.
+
+        The tokens' latents are written into ``cache`` first; then each query attends to the
+        slots up to its position, all at once when the cache has at most ``key_block`` slots,
+        else block by block (:meth:`attend_cache`). Returns [B, T, D] and the updated cache.
+        """
+        q_nope, q_pe = self.queries(x, cos, sin)
+        cache = cache.write(positions, *self.latents(x, cos, sin))
+        S = cache.c_kv.shape[1]
+        if key_block < S:
+            return self.attend_cache(q_nope, q_pe, cache, positions, absorbed=absorbed, block=key_block), cache
+        mask = jnp.arange(S) <= positions[..., None]
+        attend = self.attend_absorbed if absorbed else self.attend_expanded
+        return attend(q_nope, q_pe, cache.c_kv.astype(x.dtype), cache.k_pe.astype(x.dtype), mask), cache
+
+
+def absorbed_is_cheaper(cfg: TextConfig, num_queries: int) -> bool:
+    """Whether attending ``num_queries`` tokens over a long cache costs fewer flops absorbed.
+
+    Per key and head, absorbed costs ``num_queries * (2C + R)`` (scores and values over the
+    latent); expanded costs ``C * (H + V)`` to expand the key once plus ``num_queries *
+    (H + R + V)``. For K2.5 absorbed wins below about 170 queries (decode, short chunks).
+    """
+    C, R, H, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    return num_queries * (2 * C + R) < C * (H + V) + num_queries * (H + R + V)

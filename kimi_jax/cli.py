@@ -13,37 +13,54 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from kimi_jax.convert import convert
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+    out = convert(args.src, args.dst, dtype=args.dtype, dequantize=args.dequantize, overwrite=args.overwrite,
+                  progress=not args.quiet)
     print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
+    from kimi_jax.checkpoint import checkpoint_info
     from kimi_jax.config import KimiConfig
-    from kimi_jax.summary import active_parameters, describe, parameter_counts
+    from kimi_jax.convert import DTYPES, INFO_FILE
+    from kimi_jax.summary import (
+        active_parameters, default_expert_format, describe, device_bytes, human_bytes, parameter_counts,
+    )
 
     config = KimiConfig.from_file(args.path)
     print(describe(config))
+    if (Path(args.path) / INFO_FILE).is_file():
+        info = checkpoint_info(args.path)
+        dtype, experts = info["dtype"], info.get("expert_format", "dense")
+        print(f"checkpoint      kimi-jax: {dtype}, {experts} routed experts")
+    else:
+        dtype, experts = "bfloat16", default_expert_format(config)
+        print(f"checkpoint      Hugging Face; the device sizes below are after `kimi-jax convert` "
+              f"({dtype}, {experts} routed experts)")
     counts = parameter_counts(config)
-    total = sum(counts.values())
-    print("\nparameters (decoder)")
+    sizes = device_bytes(config, DTYPES[dtype], experts)
+    total, total_bytes = sum(counts.values()), sum(sizes.values())
+    print(f"\n{'decoder':18s}{'parameters':>20s}{'':8s}{'on the device':>14s}")
     for name, n in counts.items():
-        print(f"  {name:16s}{n:>20,d}  {100 * n / total:5.1f}%")
-    print(f"  {'total':16s}{total:>20,d}")
+        print(f"  {name:16s}{n:>20,d}  {100 * n / total:5.1f}%{human_bytes(sizes[name]):>14s}")
+    print(f"  {'total':16s}{total:>20,d}{'':8s}{human_bytes(total_bytes):>14s}")
     print(f"  {'active / token':16s}{int(active_parameters(config, counts)):>20,d}")
+    bits = 8 * sizes["routed_experts"] / counts["routed_experts"]
+    print(f"\nrouted experts  {bits:.2f} bits per parameter on the device"
+          + (" (int4 values + one bfloat16 scale per 32)" if experts == "int4" else ""))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     import numpy as np
 
     import kimi_jax
+    from kimi_jax.chat import ChatTemplate
+    from kimi_jax.demo import write_demo_checkpoint
     from kimi_jax.summary import describe
-    from kimi_jax.synthetic import TINY_TEXT, TINY_VISION, k25_config, write_checkpoint
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kimi-jax-demo-"))
     hf, converted = work / "hf", work / "converted"
-    config = k25_config(TINY_TEXT, TINY_VISION)
-    print(f"1. writing a random K2.5-layout checkpoint to {hf}")
-    write_checkpoint(hf, config, seed=args.seed, shards=2)
+    print(f"1. writing a random K2.5-layout checkpoint with a tokenizer to {hf}")
+    config = write_demo_checkpoint(hf, seed=args.seed)
     print(describe(kimi_jax.KimiConfig.from_dict(config)))
     print(f"2. converting it to {converted}")
     t0 = time.perf_counter()
@@ -57,6 +74,183 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     model.set_moe_impl("reference")
     diff = np.abs(np.asarray(model(ids)) - logits).max()
     print(f"   grouped vs reference MoE path: max |diff| = {diff:.2e}")
+    model.set_moe_impl("grouped")
+    print("4. generating a reply to a chat (random weights, so the text is gibberish)")
+    chat = [{"role": "user", "content": "Hello! What is the answer?"}]
+    print(f"   prompt: {ChatTemplate.from_dir(converted).render(chat, thinking=False)}")
+    t0 = time.perf_counter()
+    [result] = kimi_jax.generate(model, [chat], tokenizer=converted, mode="instant", max_new_tokens=24, seed=args.seed)
+    print(f"   output: {result.text.translate(_CONTROL_ESCAPES)}")
+    print(f"   {len(result.token_ids)} tokens ({result.finish_reason}) in {time.perf_counter() - t0:.1f}s")
+    print(f"   next: kimi-jax generate {converted} --prompt 'Hello' --mode instant")
+
+
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c not in (0x09, 0x0A)}
+"""Control characters (but tab and newline) shown escaped, so random output cannot drive the terminal."""
+
+
+class _ReplyPrinter:
+    """Streams one reply to stdout as its tokens arrive.
+
+    With ``parse`` the output is split as a chat reply: reasoning under ``[thinking]`` (dimmed
+    on a terminal), the answer under ``[answer]``, then ``[tool calls]``. Without a tokenizer
+    the token ids are printed.
+    """
+
+    def __init__(self, tokenizer, *, parse: bool, thinking: bool):
+        from kimi_jax.chat import StreamParser
+        from kimi_jax.generation import TextDecoder
+
+        self.decoder = TextDecoder(tokenizer) if tokenizer is not None else None
+        self.parser = StreamParser(thinking=thinking) if parse else None
+        self.section: str | None = None
+        self.dim = sys.stdout.isatty()
+
+    def token(self, index: int, token_id: int) -> None:
+        """The ``on_token`` callback of :func:`kimi_jax.generate` (one prompt, so ``index`` is 0)."""
+        if self.decoder is None:
+            self._write(None, f"{token_id} ")
+        else:
+            self._text(self.decoder.push(token_id))
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self._text(self.decoder.flush())
+        if self.parser is not None:
+            self._show(self.parser.close())
+        print(flush=True)
+
+    def _text(self, text: str) -> None:
+        if self.parser is None:
+            self._write(None, text)
+        else:
+            self._show(self.parser.feed(text))
+
+    def _show(self, delta) -> None:
+        self._write("thinking", delta.reasoning)
+        self._write("answer", delta.content)
+        for call in delta.tool_calls:
+            error = f"  ({call.error})" if call.error else ""
+            self._write("tool calls", f"{call.name} {call.raw_arguments}{error}\n")
+
+    def _write(self, section: str | None, text: str) -> None:
+        if not text:
+            return
+        if section != self.section:
+            sys.stdout.write(("\n" if self.section else "") + f"[{section}]\n")
+            self.section = section
+        text = text.translate(_CONTROL_ESCAPES)
+        sys.stdout.write(f"\x1b[2m{text}\x1b[0m" if self.dim and section == "thinking" else text)
+        sys.stdout.flush()
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+def _tokenizer_and_template(checkpoint: Path, *, required: bool):
+    """The checkpoint's tokenizer and chat template; ``(None, None)`` if it has no tokenizer and none is required."""
+    from kimi_jax.chat import ChatTemplate
+    from kimi_jax.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_dir(checkpoint)
+    except FileNotFoundError as e:
+        if not required:
+            return None, None
+        raise ValueError(
+            f"{e}: text prompts need the checkpoint's tokenizer (convert from a folder that has "
+            "tiktoken.model and tokenizer_config.json), or pass token ids with --ids 1,2,3"
+        ) from None
+    return tokenizer, ChatTemplate.from_dir(checkpoint)
+
+
+def _generation_stop_ids(checkpoint: Path) -> list[int]:
+    """The ``eos_token_id`` of the checkpoint's ``generation_config.json`` (an id or a list), if any."""
+    import json
+
+    path = checkpoint / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import kimi_jax
+    from kimi_jax.checkpoint import checkpoint_info
+
+    checkpoint = Path(args.checkpoint)
+    checkpoint_info(checkpoint)
+    tokenizer, template = _tokenizer_and_template(checkpoint, required=args.ids is None)
+    is_chat = args.ids is None and not args.raw
+    if is_chat:
+        prompt = [{"role": "user", "content": args.prompt}]
+    else:
+        prompt = args.prompt if args.ids is None else args.ids
+    model = kimi_jax.load(checkpoint, dtype=args.dtype)
+    printer = _ReplyPrinter(tokenizer, parse=is_chat, thinking=args.mode == "thinking")
+    [result] = kimi_jax.generate(
+        model, [prompt], tokenizer=tokenizer, chat_template=template, seed=args.seed,
+        stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+        **_generate_kwargs(args),
+    )
+    printer.close()
+    print(f"[{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} generated, {result.finish_reason}]",
+          file=sys.stderr)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    import kimi_jax
+    from kimi_jax.checkpoint import checkpoint_info
+
+    checkpoint = Path(args.checkpoint)
+    checkpoint_info(checkpoint)
+    tokenizer, template = _tokenizer_and_template(checkpoint, required=True)
+    model = kimi_jax.load(checkpoint, dtype=args.dtype)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {checkpoint} ({args.mode} mode); /exit or end of input quits")
+    turn = 0
+    while True:
+        print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            print()
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        printer = _ReplyPrinter(tokenizer, parse=True, thinking=args.mode == "thinking")
+        [result] = kimi_jax.generate(
+            model, [history], tokenizer=tokenizer, chat_template=template, seed=args.seed + turn,
+            stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+            **_generate_kwargs(args),
+        )
+        printer.close()
+        history.append(result.parsed.to_message())
+        turn += 1
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="converted checkpoint folder")
+    p.add_argument("--mode", default="thinking", choices=["thinking", "instant"])
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="default: the mode's recommendation (thinking 1.0, instant 0.6)")
+    p.add_argument("--top-p", type=float, help="default: the mode's recommendation (0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   help="parameters and activations (default: the checkpoint's)")
+    p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder with config.json and *.safetensors")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dequantize", action="store_true",
+                   help="write INT4 routed experts as dense --dtype experts (default: keep them 4-bit)")
     p.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
@@ -79,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="working folder (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate from a prompt, streaming to the terminal")
+    _add_generation_options(p)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the user's message (sent as a one-turn chat unless --raw)")
+    prompt.add_argument("--ids", type=_token_ids, help="raw prompt token ids, e.g. 1,2,3 (no tokenizer needed)")
+    p.add_argument("--raw", action="store_true", help="continue --prompt as plain text, without the chat template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/exit quits)")
+    _add_generation_options(p)
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.set_defaults(func=_cmd_chat)
     return parser
 
 

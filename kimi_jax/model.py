@@ -5,6 +5,7 @@ Einsum letters: B batch, T positions, D model, V vocabulary.
 ``Kimi`` mirrors the checkpoint's top level: ``language_model`` now; ``vision_tower`` and
 ``mm_projector`` join it with the vision model. :meth:`Kimi.trace` runs the model and
 returns named per-layer activations and routing decisions alongside the logits.
+:meth:`TextModel.extend` is the cached step generation is built on (``kimi_jax.engine``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kimi_jax.attention import MLA
+from kimi_jax.cache import KVCache, LayerCache
 from kimi_jax.config import KimiConfig, TextConfig
 from kimi_jax.layers import rms_norm, rope_attention_factor, rope_table, weight, yarn_inv_freq
 from kimi_jax.moe import MLP, MoE
@@ -38,7 +40,18 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
-        attn = self.self_attn(normed, cos, sin, mask)
+        return self._residual(x, normed, self.self_attn(normed, cos, sin, mask))
+
+    def cached(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
+        absorbed: bool, key_block: int,
+    ) -> tuple[jax.Array, LayerCache]:
+        """The layer over new tokens at ``positions``, attending over (and writing) ``cache``."""
+        normed = rms_norm(x, self.input_layernorm[...], self.eps)
+        attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, absorbed=absorbed, key_block=key_block)
+        return self._residual(x, normed, attn), cache
+
+    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array) -> jax.Array:
         h = x + attn
         mlp = self.mlp(rms_norm(h, self.post_attention_layernorm[...], self.eps))
         if self.capture:
@@ -115,6 +128,29 @@ class TextModel(nnx.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.logits(x)
+
+    def extend(
+        self, input_ids: jax.Array, counts: jax.Array, cache: KVCache, *, absorbed: bool, key_block: int
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends tokens to the cache; logits [B, V] (float32) at each row's last new token.
+
+        Row ``b`` of ``input_ids`` [B, T] holds ``counts[b]`` new tokens followed by padding;
+        they take positions ``cache.lengths[b] + 0..T-1`` and each attends to the cache slots
+        up to its own position. Padding writes only slots past the row's new length, which
+        later tokens overwrite before any query sees them. A row with count 0 keeps its
+        length (its logits are meaningless). ``absorbed`` selects MLA's form, ``key_block``
+        how many cache slots attention scores at once (``MLA.cached``).
+        """
+        T = input_ids.shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block)
+            layers.append(layer_cache)
+        last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+        return self.logits(last)[:, 0], KVCache(tuple(layers), cache.lengths + counts)
 
 
 class Kimi(nnx.Module):

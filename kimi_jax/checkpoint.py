@@ -13,6 +13,7 @@ from orbax.checkpoint import v1 as ocp
 from kimi_jax.config import KimiConfig
 from kimi_jax.convert import DTYPES, INFO_FILE, PARAMS_DIR
 from kimi_jax.model import Kimi
+from kimi_jax.sharding import Layout, load_layout, state_shardings
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -34,12 +35,18 @@ def load(
     *,
     dtype: str | jnp.dtype | None = None,
     moe_impl: str = "grouped",
+    mesh: str | Layout | None = None,
 ) -> Kimi:
     """Loads a converted checkpoint: ``model = load(path)``; ``model(input_ids)`` -> logits.
 
     ``dtype`` (default: the checkpoint's) sets parameters and activations; arrays are cast
     while they are read. INT4 experts (``expert_format`` ``"int4"`` in ``kimi_jax.json``)
     stay int4 with bfloat16 scales whatever ``dtype``; they are dequantized to it in use.
+
+    ``mesh`` (a layout name such as ``gpu-2``, a TOML path, ``data=1,expert=4,tensor=2`` or
+    a :class:`~kimi_jax.sharding.Layout`) restores every array straight into its sharding on
+    that mesh (each process reads only the shards its devices hold) and makes the model run
+    there; without it the model lives on the first device.
     """
     path = Path(path)
     info = checkpoint_info(path)
@@ -50,12 +57,21 @@ def load(
         lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl, expert_format=expert_format)
     )
     graphdef, state = nnx.split(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state.to_pure_dict())
+    else:
+        layout = load_layout(mesh)
+        device_mesh = layout.make_mesh()
+        shardings = state_shardings(state, device_mesh, layout)
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state.to_pure_dict()
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.to_pure_dict(), shardings
     )
     options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
     with ocp.Context(pytree_options=options):
         restored = ocp.load(path / PARAMS_DIR, target)
     nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        model.language_model.parallel = (device_mesh, layout)
+    return model

@@ -47,6 +47,13 @@ def _cmd_info(args: argparse.Namespace) -> None:
     bits = 8 * sizes["routed_experts"] / counts["routed_experts"]
     print(f"\nrouted experts  {bits:.2f} bits per parameter on the device"
           + (" (int4 values + one bfloat16 scale per 32)" if experts == "int4" else ""))
+    if args.mesh:
+        from kimi_jax.sharding import load_layout
+        from kimi_jax.summary import bytes_per_device
+
+        layout = load_layout(args.mesh)
+        per_device = bytes_per_device(config, layout, DTYPES[dtype], experts)
+        print(f"mesh {layout.name} ({layout.describe()}): {human_bytes(per_device)} of decoder parameters per device")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -196,7 +203,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         prompt = [{"role": "user", "content": args.prompt}]
     else:
         prompt = args.prompt if args.ids is None else args.ids
-    model = kimi_jax.load(checkpoint, dtype=args.dtype)
+    model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
     printer = _ReplyPrinter(tokenizer, parse=is_chat, thinking=args.mode == "thinking")
     [result] = kimi_jax.generate(
         model, [prompt], tokenizer=tokenizer, chat_template=template, seed=args.seed,
@@ -215,7 +222,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
     tokenizer, template = _tokenizer_and_template(checkpoint, required=True)
-    model = kimi_jax.load(checkpoint, dtype=args.dtype)
+    model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print(f"chatting with {checkpoint} ({args.mode} mode); /exit or end of input quits")
     turn = 0
@@ -239,7 +246,17 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         turn += 1
 
 
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices")
+    g.add_argument("--mesh", help="mesh layout: a name (gpu-2, gpu-8, cpu-8, ...), a TOML file, or inline "
+                                  "data=1,expert=4,tensor=2 (default: one device)")
+    g.add_argument("--coordinator", help="multi-process: host:port of process 0 (or env KIMI_JAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, help="multi-process: number of processes (KIMI_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="multi-process: this process's index (KIMI_JAX_PROCESS_ID)")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    _add_parallel_options(p)
     p.add_argument("checkpoint", help="converted checkpoint folder")
     p.add_argument("--mode", default="thinking", choices=["thinking", "instant"])
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -269,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="config summary and parameter counts of a checkpoint (converted or not)")
     p.add_argument("path", help="checkpoint folder or config.json")
+    p.add_argument("--mesh", help="also show the parameter bytes per device under this mesh layout")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="write a tiny random K2.5 checkpoint, convert, load and run it")
@@ -294,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "coordinator"):  # commands that run the model can join a multi-process run
+            from kimi_jax.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"kimi-jax {args.command}: error: {e}", file=sys.stderr)

@@ -26,12 +26,14 @@ length, so decode compiles once.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from kimi_jax.attention import absorbed_is_cheaper
 from kimi_jax.cache import KVCache
@@ -75,6 +77,7 @@ class Engine:
 
     def __init__(self, model: Kimi, *, key_block: int | None = None):
         self.config = model.config.text
+        self.parallel = model.language_model.parallel
         self.graphdef, self.state = nnx.split(model.language_model)
         if key_block is not None and key_block < 1:
             raise ValueError(f"key_block must be >= 1, got {key_block}")
@@ -89,8 +92,18 @@ class Engine:
         return min(MAX_KEY_BLOCK, max(128, SCORE_BYTES // per_slot // 128 * 128), cache_length)
 
     def new_cache(self, batch: int, length: int, dtype: jnp.dtype = jnp.bfloat16) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``length`` tokens."""
-        return KVCache.create(self.config, batch, length, jnp.dtype(dtype))
+        """An empty cache for ``batch`` sequences of up to ``length`` tokens (split over the
+        batch's mesh axes when the model runs on a mesh)."""
+        cache = KVCache.create(self.config, batch, length, jnp.dtype(dtype))
+        if self.parallel is None:
+            return cache
+        mesh, layout = self.parallel
+        ways = math.prod(mesh.shape[a] for a in layout.mesh_axes_of("batch"))
+        batch_axis = "batch" if batch % ways == 0 else None  # a batch the mesh cannot split stays whole
+        return jax.tree.map(
+            lambda a: jax.device_put(a, NamedSharding(mesh, layout.spec((batch_axis,) + (None,) * (a.ndim - 1)))),
+            cache,
+        )
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]], start: Sequence[int], cache_length: int) -> None:
         """Raises ``ValueError`` for an empty prompt, an id outside the vocabulary, or a prompt

@@ -13,12 +13,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from kimi_jax.attention import MLA
 from kimi_jax.cache import KVCache, LayerCache
 from kimi_jax.config import KimiConfig, TextConfig
 from kimi_jax.layers import rms_norm, rope_attention_factor, rope_table, weight, yarn_inv_freq
 from kimi_jax.moe import MLP, MoE
+from kimi_jax.sharding import Layout, constrain, layout_scope
+
+
+ACTIVATION_AXES = ("batch", None, None)
+"""Logical axes of the hidden states [B, T, D] between layers."""
 
 
 class DecoderLayer(nnx.Module):
@@ -76,6 +82,7 @@ class TextModel(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.capture = False
+        self.parallel: tuple[Mesh, Layout] | None = None  # set by sharding.shard_model / load(mesh=...)
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
@@ -122,12 +129,13 @@ class TextModel(nnx.Module):
             mask = mask & attention_mask.astype(bool)[:, None, :]
         mask = jnp.broadcast_to(mask, (B, T, T))
         cos, sin = self.rope(positions)
-        x = self.embed(input_ids)
-        if self.capture:
-            self.sow(nnx.Intermediate, "embed", x)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.logits(x)
+        with layout_scope(self.parallel):
+            x = constrain(self.embed(input_ids), ACTIVATION_AXES)
+            if self.capture:
+                self.sow(nnx.Intermediate, "embed", x)
+            for layer in self.layers:
+                x = constrain(layer(x, cos, sin, mask), ACTIVATION_AXES)
+            return self.logits(x)
 
     def extend(
         self, input_ids: jax.Array, counts: jax.Array, cache: KVCache, *, absorbed: bool, key_block: int
@@ -144,13 +152,17 @@ class TextModel(nnx.Module):
         T = input_ids.shape[1]
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         cos, sin = self.rope(positions)
-        x = self.embed(input_ids)
         layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block)
-            layers.append(layer_cache)
-        last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
-        return self.logits(last)[:, 0], KVCache(tuple(layers), cache.lengths + counts)
+        with layout_scope(self.parallel):
+            x = constrain(self.embed(input_ids), ACTIVATION_AXES)
+            for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+                x, layer_cache = layer.cached(
+                    x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block
+                )
+                x = constrain(x, ACTIVATION_AXES)
+                layers.append(layer_cache)
+            last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+            return self.logits(last)[:, 0], KVCache(tuple(layers), cache.lengths + counts)
 
 
 class Kimi(nnx.Module):

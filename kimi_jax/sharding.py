@@ -208,5 +208,49 @@ def use_layout(mesh: Mesh, layout: Layout):
 
 
 def active() -> tuple[Mesh, Layout] | None:
-    """The ``(mesh, layout)`` set by :func:`use_layout`, if any."""
+    """The ``(mesh, layout)`` set by :func:`use_layout` or :func:`layout_scope`, if any."""
     return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def layout_scope(parallel: tuple[Mesh, Layout] | None):
+    """Makes ``parallel`` active while code is traced (no-op for None); no ``jax.set_mesh``."""
+    if parallel is None:
+        yield
+        return
+    token = _ACTIVE.set(parallel)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding by its logical axes under the active layout (else as is)."""
+    parallel = active()
+    if parallel is None:
+        return x
+    mesh, layout = parallel
+    axes = tuple(
+        a if x.shape[i] % math.prod(mesh.shape[m] for m in layout.mesh_axes_of(a)) == 0 else None
+        for i, a in enumerate(logical_axes)
+    )  # a dimension the mesh cannot split evenly (a small batch) stays whole
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, layout.spec(axes)))
+
+
+def shard_model(model, mesh: str | Layout, devices: list | None = None):
+    """Moves a model's parameters into the shardings of a layout and makes it run on that mesh.
+
+    Returns a new model (the input keeps its arrays); later calls and generation on it use
+    the mesh (the MoE layers expert-parallel, activations and the KV cache sharded).
+    """
+    from flax import nnx
+
+    layout = load_layout(mesh)
+    device_mesh = layout.make_mesh(devices)
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, device_mesh, layout)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.device_put, state.to_pure_dict(), shardings))
+    sharded = nnx.merge(graphdef, state)
+    sharded.language_model.parallel = (device_mesh, layout)
+    return sharded

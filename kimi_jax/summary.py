@@ -50,6 +50,23 @@ def device_bytes(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "d
     return sizes
 
 
+def bytes_per_device(config: KimiConfig, layout, dtype=jnp.bfloat16, expert_format: str = "dense") -> int:
+    """Decoder parameter bytes one device holds under a mesh layout (the largest shard of each array)."""
+    from flax import nnx
+
+    from kimi_jax.model import Kimi
+
+    model = nnx.eval_shape(lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), expert_format=expert_format))
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model.language_model)):
+        spec = layout.spec(var.get_metadata()["axes"], var.shape)
+        ways = math.prod(
+            math.prod(layout.axis_size(m) for m in ((p,) if isinstance(p, str) else p)) for p in spec if p is not None
+        )
+        total += math.prod(var.shape) * jax.dtypes.itemsize_bits(var.dtype) // 8 // ways
+    return total
+
+
 def bits_per_expert_parameter(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "dense") -> float:
     """Device bits per routed-expert weight: 16 for bfloat16, 4 + 16 / 32 = 4.5 for ``int4``."""
     n = parameter_counts(config)["routed_experts"]

@@ -137,8 +137,12 @@ class MLA(nnx.Module):
 
     def _weigh(self, probs: jax.Array, values: jax.Array, absorbed: bool) -> jax.Array:
         """``probs`` [B, N, T, S] times the values: [B, T, N, C] (absorbed) or [B, T, N, V], float32."""
-        spec = "bnts,bsc->btnc" if absorbed else "bnts,bsnv->btnv"
-        return jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+        probs = probs.astype(values.dtype)
+        if absorbed:
+            # "bnts,bsc->btnc" in one dot has no bf16 x bf16 -> f32 kernel on XLA:CPU; transpose after.
+            out = jnp.einsum("bnts,bsc->bntc", probs, values, preferred_element_type=jnp.float32)
+            return out.transpose(0, 2, 1, 3)
+        return jnp.einsum("bnts,bsnv->btnv", probs, values, preferred_element_type=jnp.float32)
 
     def _project(self, out: jax.Array, absorbed: bool) -> jax.Array:
         """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then ``o_proj``."""

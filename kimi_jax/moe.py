@@ -171,9 +171,22 @@ def grouped_matmul(
         q, scales = proj["q"], proj["scales"]
         if experts is not None:
             q, scales = q[experts], scales[experts]
+        # Tie the dequantization to this layer's activations: otherwise XLA may dequantize
+        # every layer's experts up front (they depend on parameters only) and hold them all.
+        x, q, scales = jax.lax.optimization_barrier((x, q, scales))
         return int4_ragged_dot(x, q, scales, group_sizes, INT4_GROUP_SIZE)
     w = proj if experts is None else proj[experts]
     return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _experts_in_use(sizes: jax.Array, rows: int, quantized: bool) -> tuple[jax.Array, jax.Array | None]:
+    """For INT4 experts with fewer rows than experts (decoding): the experts that have rows
+    (ascending, like the sorted rows; padded with empty groups) and their group sizes, so
+    only those are dequantized. Otherwise ``(sizes, None)``: every expert, in order."""
+    if not quantized or rows >= sizes.shape[0]:
+        return sizes, None
+    used = jnp.nonzero(sizes, size=rows, fill_value=0)[0]
+    return jnp.where(jnp.arange(rows) < jnp.count_nonzero(sizes), sizes[used], 0), used
 
 
 def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -188,10 +201,7 @@ def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array
     order = jnp.argsort(flat, stable=True)
     rows = x[order // K]
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    used = None
-    if isinstance(experts, Int4Experts) and T * K < E:
-        used = jnp.nonzero(sizes, size=T * K, fill_value=0)[0]  # ascending, like the sorted rows
-        sizes = jnp.where(jnp.arange(T * K) < jnp.count_nonzero(sizes), sizes[used], 0)
+    sizes, used = _experts_in_use(sizes, T * K, isinstance(experts, Int4Experts))
     h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj, sizes, used))
     h = h * grouped_matmul(rows, experts.up_proj, sizes, used)
     out = grouped_matmul(h, experts.down_proj, sizes, used)
@@ -256,9 +266,10 @@ class MoE(nnx.Module):
             w = _nest_projections(values)
             e_local = jax.tree.leaves(w["gate_proj"])[0].shape[0]
             sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
-            h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes))
-            h = h * grouped_matmul(rows, w["up_proj"], sizes)
-            return grouped_matmul(h, w["down_proj"], sizes)
+            sizes, used = _experts_in_use(sizes, rows.shape[0], isinstance(w["gate_proj"], dict))
+            h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
+            h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
+            return grouped_matmul(h, w["down_proj"], sizes, used)
 
         return expert_parallel_moe(
             tokens, idx, weights, values, specs, local, mesh=mesh, n_experts=self.experts.n_experts,

@@ -5,6 +5,7 @@ from kimi_jax.config import KimiConfig, TextConfig, UnsupportedConfigError, kimi
 from kimi_jax.convert import ConversionError, convert
 from kimi_jax.generation import generate
 from kimi_jax.model import Kimi
+from kimi_jax.vision.media import expand_media_placeholders
 
 __all__ = [
     "ConversionError",
@@ -13,6 +14,7 @@ __all__ = [
     "TextConfig",
     "UnsupportedConfigError",
     "convert",
+    "expand_media_placeholders",
     "generate",
     "kimi_k25_config",
     "load",

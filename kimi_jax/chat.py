@@ -442,7 +442,9 @@ def render(
     ``content`` (a string or a list of parts of type text, image / image_url, video /
     video_url), and for assistants ``reasoning_content`` and ``tool_calls``
     (``{"id", "function": {"name", "arguments"}}``, arguments a JSON string or a dict); tool
-    results carry ``tool_call_id``.
+    results carry ``tool_call_id``. Image and video parts become placeholders here; their
+    media are read by ``kimi_jax.vision.media.conversation_media`` (``kimi_jax.generate``
+    does both).
 
     Reasoning is written only for assistant messages after the last assistant message
     without tool calls (the current tool-using turn), and only in thinking mode; earlier

@@ -61,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     import kimi_jax
     from kimi_jax.chat import ChatTemplate
-    from kimi_jax.demo import write_demo_checkpoint
+    from kimi_jax.demo import write_demo_checkpoint, write_demo_image
     from kimi_jax.summary import describe
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kimi-jax-demo-"))
@@ -89,7 +89,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     [result] = kimi_jax.generate(model, [chat], tokenizer=converted, mode="instant", max_new_tokens=24, seed=args.seed)
     print(f"   output: {result.text.translate(_CONTROL_ESCAPES)}")
     print(f"   {len(result.token_ids)} tokens ({result.finish_reason}) in {time.perf_counter() - t0:.1f}s")
-    print(f"   next: kimi-jax generate {converted} --prompt 'Hello' --mode instant")
+    image = write_demo_image(work / "picture.png")
+    print(f"5. asking about a synthetic picture, {image} (through the vision tower)")
+    question = "What is in this picture?"
+    chat = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]}]
+    t0 = time.perf_counter()
+    [result] = kimi_jax.generate(model, [chat], tokenizer=converted, mode="instant", max_new_tokens=24, seed=args.seed)
+    media = result.prompt_ids.count(model.config.media_placeholder_token_id)
+    print(f"   prompt: {len(result.prompt_ids)} tokens, {media} of them the picture's vision features")
+    print(f"   output: {result.text.translate(_CONTROL_ESCAPES)}")
+    print(f"   {len(result.token_ids)} tokens ({result.finish_reason}) in {time.perf_counter() - t0:.1f}s")
+    print(f"   next: kimi-jax generate {converted} --prompt {question!r} --image {image} --mode instant")
 
 
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c not in (0x09, 0x0A)}
@@ -191,6 +201,34 @@ def _generate_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _check_images(checkpoint: Path, paths: list[str]) -> None:
+    """Fails early (before the model loads) on unreadable images or a model without a vision tower."""
+    from kimi_jax.config import KimiConfig
+    from kimi_jax.vision.preprocess import load_image
+
+    if paths and not KimiConfig.from_file(checkpoint).is_multimodal:
+        raise ValueError(f"{checkpoint} has no vision tower (its config has no vision_config); it takes no images")
+    for path in paths:
+        load_image(path)
+
+
+def _preprocessor(checkpoint: Path):
+    """The checkpoint's media preprocessing config (K2.5's when it has no preprocessor_config.json)."""
+    from kimi_jax.vision.preprocess import PreprocessConfig
+
+    if (checkpoint / "preprocessor_config.json").is_file():
+        return PreprocessConfig.from_file(checkpoint)
+    return PreprocessConfig.default()
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    """A user turn: the images (as image parts, first) and the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": path} for path in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     import kimi_jax
     from kimi_jax.checkpoint import checkpoint_info
@@ -198,17 +236,25 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
     tokenizer, template = _tokenizer_and_template(checkpoint, required=args.ids is None)
+    images = args.image or []
+    _check_images(checkpoint, images)
+    preprocessor = _preprocessor(checkpoint)
     is_chat = args.ids is None and not args.raw
+    media = {}
     if is_chat:
-        prompt = [{"role": "user", "content": args.prompt}]
+        prompt = [_user_message(args.prompt, images)]
     else:
         prompt = args.prompt if args.ids is None else args.ids
+        if images:  # the raw prompt holds the placeholders; the images fill them in order
+            from kimi_jax.vision.preprocess import preprocess_media
+
+            media["pixel_values"], media["grid_thws"] = preprocess_media(images, preprocessor)
     model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
     printer = _ReplyPrinter(tokenizer, parse=is_chat, thinking=args.mode == "thinking")
     [result] = kimi_jax.generate(
-        model, [prompt], tokenizer=tokenizer, chat_template=template, seed=args.seed,
-        stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
-        **_generate_kwargs(args),
+        model, [prompt], tokenizer=tokenizer, chat_template=template, preprocessor=preprocessor,
+        seed=args.seed, stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+        **media, **_generate_kwargs(args),
     )
     printer.close()
     print(f"[{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} generated, {result.finish_reason}]",
@@ -222,9 +268,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
     tokenizer, template = _tokenizer_and_template(checkpoint, required=True)
+    images = args.image or []
+    _check_images(checkpoint, images)
+    preprocessor = _preprocessor(checkpoint)
     model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {checkpoint} ({args.mode} mode); /exit or end of input quits")
+    print(f"chatting with {checkpoint} ({args.mode} mode); /image PATH attaches an image to your next message, "
+          "/exit or end of input quits")
     turn = 0
     while True:
         print("you> ", end="", flush=True)
@@ -232,13 +282,24 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         if not line or line.strip() == "/exit":
             print()
             return
+        if line.startswith("/image"):
+            path = line.removeprefix("/image").strip()
+            try:
+                _check_images(checkpoint, [path])
+            except ValueError as e:
+                print(f"error: {e}")
+                continue
+            images.append(path)
+            print(f"attached {path} to your next message")
+            continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line.rstrip("\n")})
+        history.append(_user_message(line.rstrip("\n"), images))
+        images = []
         printer = _ReplyPrinter(tokenizer, parse=True, thinking=args.mode == "thinking")
         [result] = kimi_jax.generate(
-            model, [history], tokenizer=tokenizer, chat_template=template, seed=args.seed + turn,
-            stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+            model, [history], tokenizer=tokenizer, chat_template=template, preprocessor=preprocessor,
+            seed=args.seed + turn, stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
             **_generate_kwargs(args),
         )
         printer.close()
@@ -300,11 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="the user's message (sent as a one-turn chat unless --raw)")
     prompt.add_argument("--ids", type=_token_ids, help="raw prompt token ids, e.g. 1,2,3 (no tokenizer needed)")
     p.add_argument("--raw", action="store_true", help="continue --prompt as plain text, without the chat template")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image to ask about (repeatable); with --raw or --ids the prompt must hold one "
+                        "<|media_pad|> placeholder per image")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/exit quits)")
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/image PATH attaches an image, /exit quits)")
     _add_generation_options(p)
     p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--image", action="append", metavar="PATH", help="an image for the first message (repeatable)")
     p.set_defaults(func=_cmd_chat)
     return parser
 

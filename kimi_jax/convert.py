@@ -3,9 +3,10 @@
 The target is the model's own parameter tree, built abstractly from ``config.json``; every
 target array names the source tensors that fill it and the transform between them:
 
-- ``copy``: same shape (norm scales, the embedding, the router's correction bias);
-- ``linear``: a PyTorch ``[out, in]`` matrix transposed to ``[in..., out...]`` and reshaped
-  to the target's per-head shape;
+- ``copy``: same values in order (norm scales, the embedding, the router's correction bias,
+  biases reshaped to per-head shapes);
+- ``linear``: a PyTorch ``[out, in...]`` weight flattened to [out, in], transposed to
+  ``[in..., out...]`` and reshaped to the target's per-head shape;
 - ``stack``: the routed experts' ``linear`` tensors stacked over a leading expert axis;
 - ``int4``: the routed experts' INT4 tensors stacked as they are (``q`` int4
   ``[E, out, in]`` and bfloat16 ``scales`` ``[E, out, in / 32]``, see ``kimi_jax.moe``).
@@ -30,12 +31,14 @@ Then the arrays are built and written a few at a time (``orbax`` partial saves),
 memory holds about one stacked expert projection at most. Output goes to a temporary
 folder that is renamed to the destination on success.
 
-``vision_tower.*`` and ``mm_projector.*`` tensors are carried as they are, under
-subtrees of those names.
+The vision tower and projector (``vision_tower.*``, ``mm_projector.*``) are written in
+MoonViT's own layout too, from the table of ``kimi_jax.vision.tower.checkpoint_tensors``, so
+:func:`kimi_jax.load` restores them like every other array.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,10 +61,13 @@ from tqdm.auto import tqdm
 from kimi_jax.config import KimiConfig, TextConfig
 from kimi_jax.moe import INT4_GROUP_SIZE
 from kimi_jax.quant import QuantConfig, dequantize_fp8_block, dequantize_int4, to_device_format
+from kimi_jax.vision.tower import VisionConfig, checkpoint_tensors
 
 PARAMS_DIR = "params"
 INFO_FILE = "kimi_jax.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version of the written layout. 2: vision weights in MoonViT's layout (1 carried them as in
+the source); text-only checkpoints are the same in both."""
 SIDE_FILES = (
     "tiktoken.model",
     "tokenizer_config.json",
@@ -70,7 +76,6 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "special_tokens_map.json",
 )
-MULTIMODAL_PREFIXES = ("vision_tower.", "mm_projector.")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 INT4_PARTS = ("weight_packed", "weight_scale", "weight_shape")
@@ -207,7 +212,9 @@ class Target:
     """One target array (for ``int4``: a ``q`` / ``scales`` pair), the source tensors that fill it, and how.
 
     ``sources`` are tensor names for ``copy`` and linear weight names (``X.weight``, stored
-    as :meth:`SafetensorsSource.stored` finds) for the other transforms.
+    as :meth:`SafetensorsSource.stored` finds) for the other transforms. ``source_dims`` is
+    the source tensor's shape where it is not implied by the target's (the vision tower's
+    convolution kernel and flat biases).
     """
 
     path: tuple  # path in the parameter tree, e.g. ("language_model", "layers", 3, "mlp", "gate", "weight")
@@ -216,9 +223,12 @@ class Target:
     transform: str  # "copy" | "linear" | "stack" | "int4"
     sources: tuple[str, ...]
     n_in: int = 1  # leading target axes that are the matrix's input axes ("linear", "stack")
+    source_dims: tuple[int, ...] | None = None
 
     def source_shape(self) -> tuple[int, ...]:
         """The shape each source tensor (or, quantized, the weight it stores) must have."""
+        if self.source_dims is not None:
+            return self.source_dims
         if self.transform == "copy":
             return self.shape
         if self.transform == "int4":
@@ -232,7 +242,8 @@ class Target:
         if self.transform == "copy":
             return source.read(self.sources[0]).astype(dtype).reshape(self.shape)
         if self.transform == "linear":
-            return source.matrix(self.sources[0], quant).T.astype(dtype).reshape(self.shape)
+            w = source.matrix(self.sources[0], quant)
+            return w.reshape(w.shape[0], -1).T.astype(dtype).reshape(self.shape)
         if self.transform == "stack":
             out = np.empty(self.shape, dtype)
             for e, name in enumerate(self.sources):
@@ -260,6 +271,8 @@ class Target:
             return "/".join(map(str, self.path))
         if self.path[:2] == ("language_model", "layers"):
             return f"layer {self.path[2]}"
+        if self.path[:3] == ("vision_tower", "encoder", "blocks"):
+            return f"vision block {self.path[3]}"
         return self.path[0]
 
 
@@ -314,15 +327,19 @@ def text_targets(config: KimiConfig, dtype, prefix: str, head: str, expert_forma
     return targets
 
 
-def multimodal_targets(source: SafetensorsSource, dtype) -> list[Target]:
-    """``vision_tower.*`` / ``mm_projector.*`` carried as they are (floats cast to ``dtype``)."""
+def vision_targets(config: KimiConfig, dtype) -> list[Target]:
+    """Every ``vision_tower`` / ``mm_projector`` target array with its source tensor (none for a
+    text-only config), from the abstract model and ``checkpoint_tensors``."""
+    if not config.is_multimodal:
+        return []
+    params = abstract_params(config, dtype)
+    tensors = checkpoint_tensors(VisionConfig.from_dict(config.vision_config))
     targets = []
-    for name, info in source.tensors.items():
-        if name.startswith(MULTIMODAL_PREFIXES):
-            if info.dtype not in FLOAT_DTYPES + ("I64", "I32", "BOOL"):
-                raise ConversionError(f"tensor {name} has dtype {info.dtype}; expected a float tensor")
-            out_dtype = dtype if info.dtype in FLOAT_DTYPES else np.dtype(SAFETENSORS_DTYPES[info.dtype])
-            targets.append(Target(tuple(name.split(".")), info.shape, out_dtype, "copy", (name,)))
+    for top in ("vision_tower", "mm_projector"):
+        for path, leaf in _leaf_paths(params[top], (top,)):
+            t = tensors[path]
+            targets.append(Target(path, leaf.shape, leaf.dtype, "linear" if t.linear else "copy", (t.name,),
+                                  source_dims=t.shape))
     return targets
 
 
@@ -368,7 +385,7 @@ def plan(config: KimiConfig, source: SafetensorsSource, dtype, *, dequantize: bo
     quant = quant_config(config)
     prefix, head = text_prefixes(names)
     targets = text_targets(config, dtype, prefix, head, expert_format_of(source, dequantize))
-    targets += multimodal_targets(source, dtype)
+    targets += vision_targets(config, dtype)
     expected: dict[str, Target] = {}
     for t in targets:
         for s in t.sources:
@@ -534,6 +551,14 @@ def convert(
     return dst
 
 
+def _no_defensive_copy() -> contextlib.AbstractContextManager:
+    """The arrays are built for one save only, so Orbax need not copy them before writing
+    (an option of newer orbax-checkpoint releases; older ones copy)."""
+    if "deepcopy_host_arrays" not in {f.name for f in dataclasses.fields(ocp.options.MemoryOptions)}:
+        return contextlib.nullcontext()
+    return ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
+
+
 def _write_params(
     path: Path, targets: list[Target], source: SafetensorsSource, quant: QuantConfig | None, progress: bool
 ) -> None:
@@ -541,11 +566,11 @@ def _write_params(
     for t in targets:
         groups.setdefault(t.group, []).append(t)
     total = sum(t.nbytes for t in targets)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+    with _no_defensive_copy(), tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
         for name, group in groups.items():
             bar.set_postfix_str(name)
             items = [(t.path, t.build(source, quant)) for t in group]
             ocp.partial.save(path, _nest(items))
             bar.update(sum(t.nbytes for t in group))
             del items
-    ocp.partial.finalize(path)
+        ocp.partial.finalize(path)

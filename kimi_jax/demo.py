@@ -1,6 +1,7 @@
-"""The demo's tiny random K2.5 checkpoint, complete with a tokenizer and the chat template.
+"""The demo's tiny random K2.5 checkpoint, complete with a tokenizer and the chat template,
+and a synthetic picture to ask it about.
 
-``kimi-jax demo`` writes it, converts it and generates from it. The tokenizer is a small
+``kimi-jax demo`` writes them, converts the checkpoint and generates from it. The tokenizer is a small
 byte-level tiktoken vocabulary laid out like Kimi's: base ranks (the 256 bytes, then merges
 of common English pieces), followed by the 256 special ids, named as in the real
 ``tokenizer_config.json``. ``k25_config`` keeps the special ids at the same distance from
@@ -14,6 +15,9 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from kimi_jax.config import builtin_config_dir, kimi_k25_config
 from kimi_jax.synthetic import TINY_TEXT, TINY_VISION, k25_config, write_checkpoint
@@ -75,3 +79,15 @@ def write_demo_checkpoint(folder: str | Path, *, seed: int = 0) -> dict[str, Any
     write_checkpoint(folder, config, seed=seed, shards=2)
     write_tokenizer(folder, DEMO_VOCAB_SIZE)
     return config
+
+
+def write_demo_image(path: str | Path, width: int = 84, height: int = 56) -> Path:
+    """Writes a small synthetic PNG (sky, grass and a red sun, drawn with numpy); returns its path."""
+    y, x = np.mgrid[:height, :width]
+    pixels = np.zeros((height, width, 3), np.uint8)
+    sky = y < height * 2 // 3
+    pixels[sky] = np.stack([90 + y[sky], 150 + y[sky], np.full(sky.sum(), 235)], axis=-1)
+    pixels[~sky] = (40, 160, 60)
+    pixels[(x - width * 3 // 4) ** 2 + (y - height // 4) ** 2 < (height // 6) ** 2] = (230, 40, 30)
+    Image.fromarray(pixels).save(path)
+    return Path(path)

@@ -15,6 +15,10 @@ cache is updated in place. Positions are not passed: row ``b``'s new tokens cont
 - **Decode** feeds one token per row and always uses the absorbed form: the cache is never
   expanded to per-head keys and values. Finished rows are fed with a count of 0, so their
   cache and length stay as they are.
+- **Media**: a prefill may carry the prompts' media (``pixel_values`` / ``grid_thws``, the
+  prompts holding one ``<|media_pad|>`` per media token). The vision tower encodes them once
+  (:func:`embed_step`), the features are spliced into the prompts' embeddings, and the
+  chunks are fed as embeddings instead of ids; decode is unchanged.
 - **Long caches** are attended in key blocks with an online softmax (``MLA.attend_cache``),
   so a step's scores are [B, N, T, key block] within :data:`SCORE_BYTES` per layer (never
   prompt x prompt, nor chunk x whole cache), and blocks past the last position are not read.
@@ -37,8 +41,10 @@ from jax.sharding import NamedSharding
 
 from kimi_jax.attention import absorbed_is_cheaper
 from kimi_jax.cache import KVCache
-from kimi_jax.model import Kimi
+from kimi_jax.model import Kimi, media_grids
 from kimi_jax.sampling import Sampling, sample
+from kimi_jax.vision.media import check_expanded
+from kimi_jax.vision.tower import Grid
 
 ATTENTION_FORMS = ("auto", "absorbed", "expanded")
 GREEDY = Sampling(temperature=0.0)
@@ -52,15 +58,29 @@ CACHE_ROUNDING = 128
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="cache")
 def extend_step(
-    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, counts: jax.Array, cache: KVCache,
-    *, absorbed: bool, key_block: int,
+    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array | None, counts: jax.Array, cache: KVCache,
+    inputs_embeds: jax.Array | None = None, *, absorbed: bool, key_block: int,
 ) -> tuple[jax.Array, KVCache]:
-    """Appends ``counts[b]`` tokens of row ``b`` of ``input_ids`` [B, T] to the cache (donated).
+    """Appends ``counts[b]`` tokens of row ``b`` of ``input_ids`` [B, T] (or of their
+    embeddings ``inputs_embeds`` [B, T, D]) to the cache (donated).
 
     ``graphdef`` / ``state`` are ``nnx.split`` of the :class:`~kimi_jax.model.TextModel`.
     Returns logits [B, V] (float32) at each row's last new token and the updated cache.
     """
-    return nnx.merge(graphdef, state).extend(input_ids, counts, cache, absorbed=absorbed, key_block=key_block)
+    return nnx.merge(graphdef, state).extend(
+        input_ids, counts, cache, absorbed=absorbed, key_block=key_block, inputs_embeds=inputs_embeds
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grids"))
+def embed_step(
+    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, is_media: jax.Array, pixel_values: jax.Array,
+    grids: tuple[Grid, ...],
+) -> jax.Array:
+    """Embeddings [B, T, D] of ``input_ids`` [B, T] with the features of the media ``grids``
+    spliced in where ``is_media`` holds; ``graphdef`` / ``state`` are ``nnx.split`` of the
+    :class:`~kimi_jax.model.Kimi` model."""
+    return nnx.merge(graphdef, state).spliced_embeddings(input_ids, is_media, pixel_values, grids)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -77,8 +97,11 @@ class Engine:
 
     def __init__(self, model: Kimi, *, key_block: int | None = None):
         self.config = model.config.text
+        self.vision = model.vision_config
+        self.placeholder_id = model.config.media_placeholder_token_id
         self.parallel = model.language_model.parallel
         self.graphdef, self.state = nnx.split(model.language_model)
+        self._whole = nnx.split(model) if self.vision is not None else None
         if key_block is not None and key_block < 1:
             raise ValueError(f"key_block must be >= 1, got {key_block}")
         self._key_block = key_block
@@ -125,12 +148,15 @@ class Engine:
 
     def prefill(
         self, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int = 512, attention: str = "auto",
+        pixel_values: np.ndarray | None = None, grid_thws: np.ndarray | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Appends prompt ``b`` to row ``b`` of the cache; logits [B, V] at each prompt's last token.
 
         Prompts are fed in chunks of ``min(chunk, next power of two >= longest prompt)``
         tokens. ``attention`` is ``"auto"`` (fewer flops, see the module doc), ``"absorbed"``
-        or ``"expanded"``.
+        or ``"expanded"``. ``pixel_values`` / ``grid_thws`` are the media of all prompts in
+        order (as :class:`~kimi_jax.model.Kimi` takes them): the prompts must hold one
+        ``<|media_pad|>`` per media token.
         """
         if attention not in ATTENTION_FORMS:
             raise ValueError(f"unknown attention form {attention!r}; choose from {ATTENTION_FORMS}")
@@ -146,17 +172,33 @@ class Engine:
         ids = np.zeros((len(prompts), n_chunks * T), np.int32)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p
+        embeds = self._media_embeddings(ids, lengths, pixel_values, grid_thws)
         absorbed = attention == "absorbed" or (attention == "auto" and absorbed_is_cheaper(self.config, T))
         key_block = self.key_block(cache.batch, T, cache.length)
         last = None
         for k in range(n_chunks):
             counts = np.clip(lengths - k * T, 0, T).astype(np.int32)
+            chunk_ids, chunk_embeds = ids[:, k * T : (k + 1) * T], None
+            if embeds is not None:
+                chunk_ids, chunk_embeds = None, embeds[:, k * T : (k + 1) * T]
             logits, cache = extend_step(
-                self.graphdef, self.state, ids[:, k * T : (k + 1) * T], counts, cache,
+                self.graphdef, self.state, chunk_ids, counts, cache, chunk_embeds,
                 absorbed=absorbed, key_block=key_block,
             )
             last = logits if last is None else jnp.where(counts[:, None] > 0, logits, last)
         return last, cache
+
+    def _media_embeddings(
+        self, ids: np.ndarray, lengths: np.ndarray, pixel_values: np.ndarray | None, grid_thws: np.ndarray | None,
+    ) -> jax.Array | None:
+        """The padded prompts' ``ids`` [B, L] as embeddings with their media spliced in (None without media)."""
+        grids = media_grids(self.vision, pixel_values, grid_thws)
+        if not grids:
+            return None
+        is_media = (ids == self.placeholder_id) & (np.arange(ids.shape[1]) < lengths[:, None])
+        check_expanded(int(is_media.sum()), grids, self.vision.merge_kernel_size)
+        graphdef, state = self._whole
+        return embed_step(graphdef, state, ids, is_media, jnp.asarray(pixel_values), grids)
 
     def decode(self, tokens: jax.Array, cache: KVCache, active: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Appends one token per row, ``tokens`` [B]; logits [B, V] for the next one.
@@ -181,6 +223,8 @@ class Engine:
         prefill_chunk: int = 512,
         cache_length: int | None = None,
         cache_dtype: jnp.dtype = jnp.bfloat16,
+        pixel_values: np.ndarray | None = None,
+        grid_thws: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
         """Generates for a batch of token-id prompts, yielding each step's new tokens [B] (int32).
 
@@ -188,7 +232,8 @@ class Engine:
         yielded), after ``max_new_tokens`` tokens, or when its cache is full. ``key`` (a
         ``jax.random`` key, default ``key(0)``) is split once per step. ``cache_length``
         defaults to the longest prompt plus ``max_new_tokens``, rounded up to a multiple of
-        :data:`CACHE_ROUNDING` but within the model's context.
+        :data:`CACHE_ROUNDING` but within the model's context. ``pixel_values`` /
+        ``grid_thws`` are the prompts' media, as :meth:`prefill` takes them.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -207,7 +252,8 @@ class Engine:
         key = jax.random.key(0) if key is None else key
 
         cache = self.new_cache(len(prompts), cache_length, cache_dtype)
-        logits, cache = self.prefill(prompts, cache, chunk=prefill_chunk)
+        logits, cache = self.prefill(prompts, cache, chunk=prefill_chunk, pixel_values=pixel_values,
+                                     grid_thws=grid_thws)
         done = np.zeros(len(prompts), bool)
         produced = np.zeros(len(prompts), np.int64)
         while True:

@@ -4,6 +4,11 @@ Prompts are token-id lists, strings (encoded as they are, special-token strings 
 or conversations (lists of chat messages, rendered with the checkpoint's chat template in
 Instant or Thinking mode, see ``kimi_jax.chat``). The batch runs through
 :class:`kimi_jax.engine.Engine`.
+
+Media: a conversation's image and video parts are loaded and preprocessed here
+(``kimi_jax.vision.media``, ``kimi_jax.vision.preprocess``); token-id and text prompts take
+theirs from ``pixel_values`` / ``grid_thws``. Each medium's run of ``<|media_pad|>`` is
+expanded to its token count before the prompts reach the engine.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from kimi_jax.engine import Engine
 from kimi_jax.model import Kimi
 from kimi_jax.sampling import Sampling
 from kimi_jax.tokenizer import Tokenizer
+from kimi_jax.vision.media import (
+    conversation_media,
+    expand_media_placeholders,
+    insert_video_chunks,
+    placeholder_runs,
+    preprocess_conversation_media,
+)
+from kimi_jax.vision.preprocess import PreprocessConfig
 
 MODES = tuple(RECOMMENDED_SAMPLING)
 
@@ -31,9 +44,10 @@ MODES = tuple(RECOMMENDED_SAMPLING)
 class GenerationResult:
     """What one prompt produced.
 
-    ``token_ids`` are the generated ids, ending with the stop id when one ended the output
-    (``finish_reason`` ``"stop"``; otherwise ``"length"``). ``text`` (with a tokenizer) is
-    their decoded text without that stop id. ``parsed`` (conversations only) splits the
+    ``prompt_ids`` are the ids the model was given (media placeholders expanded to one per
+    media token). ``token_ids`` are the generated ids, ending with the stop id when one ended
+    the output (``finish_reason`` ``"stop"``; otherwise ``"length"``). ``text`` (with a
+    tokenizer) is their decoded text without that stop id. ``parsed`` (conversations only) splits the
     text into reasoning, answer and tool calls; ``parsed.to_message()`` is the assistant
     message to append to the conversation.
     """
@@ -69,10 +83,21 @@ def _is_token_ids(prompt: Any) -> bool:
     )
 
 
+@dataclasses.dataclass
+class _Prompt:
+    """One encoded prompt: its ids (placeholders not yet expanded), whether it is a
+    conversation, and the media of a conversation (``pixel_values``, ``grid_thws``)."""
+
+    ids: list[int]
+    is_chat: bool
+    media: tuple[np.ndarray, np.ndarray] | None = None
+
+
 def _encode_prompt(
     i: int, prompt: Any, tokenizer: Tokenizer | None, template: ChatTemplate, tools: Any, thinking: bool,
-) -> tuple[list[int], bool]:
-    """Token ids of one prompt and whether it is a conversation."""
+    preprocessor: PreprocessConfig,
+) -> _Prompt:
+    """Token ids of one prompt; a conversation's media are read and preprocessed too."""
     if isinstance(prompt, Mapping):
         raise TypeError(f"prompt {i} is a single message; pass conversations as a list of them: [messages]")
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):
@@ -80,15 +105,74 @@ def _encode_prompt(
             kind = "text" if isinstance(prompt, str) else "a conversation"
             raise ValueError(f"prompt {i} is {kind}, which needs a tokenizer (pass tokenizer=...)")
         if isinstance(prompt, str):
-            return tokenizer.encode(prompt), False
-        text = template.render(prompt, tools=tools, thinking=thinking)
-        return tokenizer.encode(text), True
+            return _Prompt(tokenizer.encode(prompt), False)
+        try:
+            media = conversation_media(prompt)
+            text = insert_video_chunks(template.render(prompt, tools=tools, thinking=thinking), media)
+            pixels = preprocess_conversation_media(media, preprocessor) if media else None
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        return _Prompt(tokenizer.encode(text), True, pixels)
     if _is_token_ids(prompt):
-        return [int(t) for t in prompt], False
+        return _Prompt([int(t) for t in prompt], False)
     raise TypeError(
         f"prompt {i} is a {type(prompt).__name__}; a prompt is a list of token ids, a string "
         "or a conversation (a list of message dicts)"
     )
+
+
+def _attach_media(
+    model: Kimi, prompts: list[_Prompt], pixel_values: Any, grid_thws: Any
+) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:
+    """The prompts with each medium's placeholder run expanded, and the media of the batch
+    in prompt order (None without media).
+
+    Conversations bring their own media; the token-id and text prompts share ``pixel_values``
+    / ``grid_thws``, one medium per run of placeholders, in order.
+    """
+    placeholder = model.config.media_placeholder_token_id
+    vision = model.vision_config
+    given = (np.zeros((0, 3, 1, 1), np.float32), np.zeros((0, 3), np.int64))
+    if (pixel_values is None) != (grid_thws is None):
+        raise ValueError("pass pixel_values and grid_thws together")
+    if grid_thws is not None:
+        given = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
+    patches = np.concatenate([[0], np.cumsum(given[1].prod(axis=1))]).astype(int)
+    taken = 0
+    expanded, pixels, grids = [], [], []
+    for i, p in enumerate(prompts):
+        runs = len(placeholder_runs(np.asarray(p.ids), placeholder)) if placeholder is not None else 0
+        if p.media is not None:
+            media = p.media
+        else:
+            end = min(taken + runs, len(given[1]))
+            media = (given[0][patches[taken] : patches[end]], given[1][taken:end])
+            taken = end
+        if runs and vision is None:
+            raise ValueError(f"prompt {i} holds an image or video placeholder, but the model has no vision tower")
+        if runs != len(media[1]):
+            source = "its image and video parts" if p.is_chat else "grid_thws"
+            raise ValueError(
+                f"prompt {i} holds {runs} image or video placeholder(s) (runs of <|media_pad|>, id {placeholder}), "
+                f"but {source} give {len(media[1])} media for it"
+            )
+        if runs:
+            ids = expand_media_placeholders(
+                p.ids, media[1], placeholder_id=placeholder, merge_kernel_size=vision.merge_kernel_size
+            )
+            expanded.append(ids.tolist())
+            pixels.append(media[0])
+            grids.append(media[1])
+        else:
+            expanded.append(p.ids)
+    if taken != len(given[1]):
+        raise ValueError(
+            f"grid_thws has {len(given[1])} media, but the token-id and text prompts hold only {taken} "
+            "image or video placeholders"
+        )
+    if not grids:
+        return expanded, None, None
+    return expanded, np.concatenate(pixels), np.concatenate(grids)
 
 
 def generate(
@@ -109,6 +193,9 @@ def generate(
     cache_dtype: jnp.dtype = jnp.bfloat16,
     cache_length: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    pixel_values: np.ndarray | None = None,
+    grid_thws: np.ndarray | None = None,
+    preprocessor: PreprocessConfig | None = None,
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt of a batch; one :class:`GenerationResult` each.
 
@@ -128,6 +215,16 @@ def generate(
     ``max_new_tokens``. ``on_token(index, token_id)`` is called for every new token as it
     is produced. ``prefill_chunk``, ``cache_dtype`` and ``cache_length`` are passed to
     :meth:`kimi_jax.engine.Engine.stream`.
+
+    Media: conversations' image and video parts (see
+    :func:`kimi_jax.vision.media.conversation_media`: file paths, PIL images, arrays,
+    ``data:`` URLs, video chunks) are preprocessed with ``preprocessor`` (default: the
+    tokenizer folder's ``preprocessor_config.json``, else K2.5's). Token-id and text prompts
+    take ``pixel_values`` / ``grid_thws`` (as ``preprocess_media`` returns them) for their
+    ``<|media_pad|>`` placeholders, in prompt order, one medium per run of placeholders: a
+    single placeholder per medium as Moonshot's processor writes it, or already one per
+    media token. Unreadable media, or placeholders that do not match the media, raise
+    ``ValueError``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -136,15 +233,25 @@ def generate(
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     if isinstance(tokenizer, str | Path):
-        chat_template = chat_template or ChatTemplate.from_dir(tokenizer)
-        tokenizer = Tokenizer.from_dir(tokenizer)
+        folder = Path(tokenizer)
+        chat_template = chat_template or ChatTemplate.from_dir(folder)
+        if preprocessor is None and (folder / "preprocessor_config.json").is_file():
+            preprocessor = PreprocessConfig.from_file(folder)
+        tokenizer = Tokenizer.from_dir(folder)
+    preprocessor = preprocessor or PreprocessConfig.default()
+    vision = model.vision_config
+    if vision is not None and (preprocessor.patch_size, (preprocessor.merge_kernel_size,) * 2) != (
+        vision.patch_size, vision.merge_kernel_size
+    ):
+        raise ValueError(
+            f"the preprocessor's patch_size {preprocessor.patch_size} / merge_kernel_size "
+            f"{preprocessor.merge_kernel_size} do not match the vision tower's {vision.patch_size} / "
+            f"{vision.merge_kernel_size}"
+        )
     thinking = mode == "thinking"
     template = chat_template or ChatTemplate()
-    encoded = [_encode_prompt(i, p, tokenizer, template, tools, thinking) for i, p in enumerate(prompts)]
-    media = model.config.media_placeholder_token_id
-    for i, (ids, _) in enumerate(encoded):
-        if media is not None and media in ids:
-            raise ValueError(f"prompt {i} holds an image or video placeholder; generate handles text only")
+    encoded = [_encode_prompt(i, p, tokenizer, template, tools, thinking, preprocessor) for i, p in enumerate(prompts)]
+    prompt_ids, pixel_values, grid_thws = _attach_media(model, encoded, pixel_values, grid_thws)
 
     defaults = RECOMMENDED_SAMPLING[mode]
     sampling = Sampling(
@@ -160,9 +267,9 @@ def generate(
 
     outputs: list[list[int]] = [[] for _ in encoded]
     steps = Engine(model).stream(
-        [ids for ids, _ in encoded], max_new_tokens=max_new_tokens, sampling=sampling,
+        prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
         key=jax.random.key(seed), stop_ids=stops, prefill_chunk=prefill_chunk,
-        cache_length=cache_length, cache_dtype=cache_dtype,
+        cache_length=cache_length, cache_dtype=cache_dtype, pixel_values=pixel_values, grid_thws=grid_thws,
     )
     for tokens in steps:
         for i, token in enumerate(tokens.tolist()):
@@ -172,12 +279,12 @@ def generate(
                     on_token(i, token)
 
     results = []
-    for (prompt_ids, is_chat), out in zip(encoded, outputs, strict=True):
+    for prompt, ids, out in zip(encoded, prompt_ids, outputs, strict=True):
         stopped = out[-1] in stops
-        result = GenerationResult(prompt_ids, out, "stop" if stopped else "length")
+        result = GenerationResult(ids, out, "stop" if stopped else "length")
         if tokenizer is not None:
             result.text = tokenizer.decode(out[:-1] if stopped else out)
-            if is_chat:
+            if prompt.is_chat:
                 result.parsed = parse_output(result.text, thinking=thinking)
         results.append(result)
     return results

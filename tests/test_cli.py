@@ -77,3 +77,9 @@ def test_chat_keeps_history(demo, capsys, monkeypatch):
     assert [m["role"] for m in calls[0]] == ["system", "user"]
     assert [m["role"] for m in calls[1]] == ["system", "user", "assistant", "user"]
     assert calls[1][1]["content"] == "Hi there" and calls[1][3]["content"] == "And then?"
+
+
+def test_demo_answers_about_a_picture(demo):
+    converted, out = demo
+    assert "5. asking about a synthetic picture" in out and "6 of them the picture's vision features" in out
+    assert f"kimi-jax generate {converted} --prompt 'What is in this picture?' --image" in out

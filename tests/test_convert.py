@@ -54,7 +54,7 @@ def test_sharded_k25_with_vision_and_side_files(hf, tmp_path):
 
     tree = ocp.metadata(dst / "params").metadata
     assert set(tree) == {"language_model", "vision_tower", "mm_projector"}
-    assert tuple(tree["vision_tower"]["encoder"]["blocks"]["0"]["wqkv"]["weight"].shape) == (48, 16)
+    assert tuple(tree["vision_tower"]["encoder"]["blocks"]["0"]["wqkv"]["weight"].shape) == (16, 3, 2, 8)
     model = kimi_jax.load(dst)
     assert model(np.zeros((1, 5), np.int32)).shape == (1, 5, 96)
 

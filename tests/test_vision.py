@@ -122,36 +122,12 @@ VISION = dict(vt_hidden_size=48, vt_intermediate_size=40, vt_num_attention_heads
 GRIDS = [(1, 4, 4), (1, 10, 8), (1, 4, 8), (3, 6, 6), (2, 8, 4)]
 
 
-def hf_kimi_k25(folder: Path):
-    """transformers' model on an official-layout folder, its config keys mapped from Moonshot's."""
-    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
-
-    raw = json.loads((folder / "config.json").read_text())
-    v = raw["vision_config"]
-    text = {k: x for k, x in raw["text_config"].items() if k not in ("auto_map", "architectures")}
-    config = Kimi_K25Config(
-        text_config={**text, "model_type": "deepseek_v3"},
-        vision_config=dict(
-            hidden_size=v["vt_hidden_size"], num_hidden_layers=v["vt_num_hidden_layers"],
-            num_attention_heads=v["vt_num_attention_heads"], intermediate_size=v["vt_intermediate_size"],
-            pos_emb_height=v["init_pos_emb_height"], pos_emb_width=v["init_pos_emb_width"],
-            pos_emb_time=v["init_pos_emb_time"], patch_size=v["patch_size"],
-            merge_kernel_size=v["merge_kernel_size"],
-        ),
-        projection_hidden_size=v["mm_hidden_size"], projection_layer_norm_eps=v["projector_ln_eps"],
-        image_token_id=raw["media_placeholder_token_id"], tie_word_embeddings=False,
-    )
-    model, info = Kimi_K25ForConditionalGeneration.from_pretrained(
-        folder, config=config, dtype="float32", attn_implementation="eager", output_loading_info=True
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from hf_reference import hf_kimi_k25
+
     folder = write_checkpoint(tmp_path_factory.mktemp("k25") / "hf", k25_config(TEXT, VISION), seed=4, dtype="float32")
     hf = hf_kimi_k25(folder)
     ours = load_moonvit(folder)

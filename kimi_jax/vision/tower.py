@@ -20,8 +20,8 @@ preprocessor's (frame, row, column) raster order, one ``(T, H, W)`` grid per med
 
 The parameter tree follows the checkpoint's names (``vision_tower.patch_embed.proj``,
 ``vision_tower.encoder.blocks.{i}.wqkv``, ``mm_projector.proj.{0,2}``, ...) with matrices
-stored ``[in..., out...]``; :func:`vision_params_from_checkpoint_tree` converts the
-checkpoint's PyTorch layouts.
+stored ``[in..., out...]``; :func:`checkpoint_tensors` maps each parameter to its checkpoint
+tensor and PyTorch layout (used by the converter and :func:`vision_params_from_checkpoint_tree`).
 
 Logical axes: ``vision_patch`` (P), ``vision_pos_h`` / ``vision_pos_w`` (A / B),
 ``vision_embed`` (D), ``vision_qkv`` (C), ``vision_heads`` (N), ``vision_head_dim`` (K),
@@ -361,6 +361,8 @@ class VisionTower(nnx.Module):
     """``vision_tower``: patch embedding, encoder blocks and final LayerNorm."""
 
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, dtype: jnp.dtype, attention_impl: str | None):
+        if attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl={attention_impl!r}; choose None, 'xla' or 'cudnn'")
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg, rngs, dtype)
         self.encoder = Encoder(cfg, rngs, dtype, attention_impl)
@@ -438,8 +440,6 @@ class MoonViT(nnx.Module):
         rngs: nnx.Rngs | None = None,
         attention_impl: str | None = None,
     ):
-        if attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"attention_impl={attention_impl!r}; choose None, 'xla' or 'cudnn'")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg, rngs, jnp.dtype(dtype), attention_impl)
@@ -451,21 +451,35 @@ class MoonViT(nnx.Module):
         """Projected features [M, O]; with ``intermediates=True`` also a dict of
         ``patch_proj_out``, ``patch_embed_out``, ``block{i}_out``, ``final_layernorm_out``
         [sum T*H*W, D], ``merged`` [M, G, D] and ``projected`` [M, O]."""
-        grids = as_grids(grid_thws, self.cfg)
-        n = sum(t * h * w for t, h, w in grids)
-        if pixel_values.shape != (n, 3, self.cfg.patch_size, self.cfg.patch_size):
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; grid_thws {list(grids)} need "
-                f"{(n, 3, self.cfg.patch_size, self.cfg.patch_size)}"
-            )
         named: dict[str, jax.Array] | None = {} if intermediates else None
-        hidden = self.vision_tower(jnp.asarray(pixel_values), grids, named)
-        merged = merge_patches(hidden, grids, self.cfg.merge_kernel_size)
-        projected = self.mm_projector(merged)
-        if named is None:
-            return projected
+        projected = project_media(
+            self.vision_tower, self.mm_projector, pixel_values, as_grids(grid_thws, self.cfg), named
+        )
+        return projected if named is None else (projected, named)
+
+
+def project_media(
+    tower: VisionTower,
+    projector: Projector,
+    pixel_values: jax.Array,
+    grids: Sequence[Grid],
+    named: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+    """The whole vision pipeline: packed patches of the media ``grids`` -> decoder embeddings
+    [M, O] in media order. Records the stages (see :meth:`MoonViT.__call__`) into ``named``."""
+    cfg = tower.cfg
+    n = sum(t * h * w for t, h, w in grids)
+    if pixel_values.shape != (n, 3, cfg.patch_size, cfg.patch_size):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}; grid_thws {list(grids)} need "
+            f"{(n, 3, cfg.patch_size, cfg.patch_size)}"
+        )
+    hidden = tower(jnp.asarray(pixel_values), grids, named)
+    merged = merge_patches(hidden, grids, cfg.merge_kernel_size)
+    projected = projector(merged)
+    if named is not None:
         named.update(final_layernorm_out=hidden, merged=merged, projected=projected)
-        return projected, named
+    return projected
 
 
 def encode_media(
@@ -483,52 +497,93 @@ def _encode(model: MoonViT, pixel_values: jax.Array, grids: tuple[Grid, ...], in
 # ------------------------------------------------------------------------ checkpoint
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointTensor:
+    """Where one parameter comes from in the official checkpoint.
+
+    ``name``: the tensor's official name; ``shape``: its shape there; ``linear``: whether it
+    is a PyTorch ``[out, in...]`` weight (flattened to [out, in], transposed and reshaped to
+    the module's ``[in..., out...]``) rather than an array reshaped as it is.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    linear: bool
+
+    def to_module_layout(self, value: Any, shape: Sequence[int]) -> Any:
+        """``value`` (this tensor, numpy or jax) in the module's layout of ``shape``."""
+        if self.linear:
+            value = value.reshape(value.shape[0], -1).T
+        return value.reshape(tuple(shape))
+
+
+def checkpoint_tensors(cfg: VisionConfig) -> dict[tuple, CheckpointTensor]:
+    """Every parameter of ``vision_tower`` / ``mm_projector`` (by its path in the pure state
+    dict, list indices as ints) and the checkpoint tensor it is read from.
+
+    The name is the path joined with dots. Weights of rank >= 2 with a bias beside them are
+    linear: the convolution's [D, 3, p, p] -> [P, D], ``wqkv`` [3D, D] -> [D, 3, N, K],
+    ``wo`` [D, D] -> [N, K, D], the others [out, in] -> [in, out]. Everything else keeps its
+    values in order: biases are stored flat (``wqkv.bias`` [3D] -> [3, N, K]), the position
+    table and the LayerNorms as they are.
+    """
+    out = {}
+    params = nnx.state(nnx.eval_shape(lambda: MoonViT(cfg, dtype=jnp.float32))).to_pure_dict()
+    for path, leaf, parent in _leaves(params):
+        shape = tuple(leaf.shape)
+        name = ".".join(map(str, path))
+        if path[-1] == "weight" and "bias" in parent and len(shape) >= 2:
+            n_out = int(np.prod(parent["bias"].shape))
+            if path[:3] == ("vision_tower", "patch_embed", "proj"):
+                source = (n_out, 3, cfg.patch_size, cfg.patch_size)
+            else:
+                source = (n_out, int(np.prod(shape)) // n_out)
+            out[path] = CheckpointTensor(name, source, True)
+        elif path[-1] == "bias":
+            out[path] = CheckpointTensor(name, (int(np.prod(shape)),), False)
+        else:
+            out[path] = CheckpointTensor(name, shape, False)
+    return out
+
+
+def _leaves(tree: dict, prefix: tuple = ()):
+    """(path, leaf, the dict holding it) for every leaf of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v, tree
+
+
 def vision_params_from_checkpoint_tree(tree: dict, cfg: VisionConfig) -> dict:
     """The checkpoint's ``vision_tower`` / ``mm_projector`` subtrees (official names split at
-    the dots, string indices, PyTorch layouts, as the converter carries them) -> the pure
-    state dict of :class:`MoonViT` (``nnx.state(model).to_pure_dict()`` layout).
+    the dots, string indices, PyTorch layouts) -> the pure state dict of :class:`MoonViT`
+    (``nnx.state(model).to_pure_dict()`` layout), per :func:`checkpoint_tensors`.
 
-    Keys ``"0"``, ``"1"``, ... become ints (``nnx.List`` indices); every ``weight`` of rank
-    >= 2 except ``pos_emb.weight`` is PyTorch ``[out, in...]``, flattened to [out, in],
-    transposed and reshaped to the module's ``[in..., out...]`` (the convolution's
-    [D, 3, p, p] -> [P, D]; ``wqkv`` [3D, D] -> [D, 3, N, K]; ``wo`` [D, D] -> [N, K, D]);
-    ``wqkv.bias`` [3D] -> [3, N, K]; everything else is copied. Arrays keep their dtype
-    (numpy or jax).
+    For loading the tower on its own from raw safetensors; ``kimi_jax.convert`` writes
+    converted checkpoints in the module's layout already. Arrays keep their dtype (numpy or jax).
     """
     missing = {"vision_tower", "mm_projector"} - set(tree)
     if missing:
         raise KeyError(f"checkpoint tree has no {sorted(missing)} subtree")
+    tensors = checkpoint_tensors(cfg)
     target = nnx.state(nnx.eval_shape(lambda: MoonViT(cfg, dtype=jnp.float32))).to_pure_dict()
 
     def convert(src: Any, tgt: Any, path: tuple) -> Any:
         if not isinstance(tgt, dict):
-            return _reshaped(src, src, tgt, path)
+            tensor = tensors[path]
+            if tuple(src.shape) != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {tensor.name} has shape {tuple(src.shape)}, which does not fit "
+                    f"the config (expected {tensor.shape})"
+                )
+            return tensor.to_module_layout(src, tgt.shape)
         keys = {str(k): k for k in tgt}
-        if set(src) != set(keys):
-            extra, absent = sorted(set(src) - set(keys)), sorted(set(keys) - set(src))
-            raise KeyError(f"checkpoint tree at {'.'.join(path) or '<root>'}: unexpected {extra}, missing {absent}")
-        out = {keys[k]: convert(v, tgt[keys[k]], path + (k,)) for k, v in src.items() if k != "weight"}
-        if "weight" in src:
-            w, name = src["weight"], path + ("weight",)
-            if "bias" in tgt and len(tgt["weight"].shape) >= 2:  # an Affine: [out, in...] -> [in..., out...]
-                if w.shape[0] != int(np.prod(tgt["bias"].shape)):
-                    raise _mismatch(name, w, tgt["weight"])
-                w = w.reshape(w.shape[0], -1).T
-            out["weight"] = _reshaped(w, src["weight"], tgt["weight"], name)
-        return out
+        if not isinstance(src, dict) or set(src) != set(keys):
+            found = set(src) if isinstance(src, dict) else set()
+            extra, absent = sorted(found - set(keys)), sorted(set(keys) - found)
+            raise KeyError(f"checkpoint tree at {'.'.join(map(str, path)) or '<root>'}: unexpected {extra}, "
+                           f"missing {absent}")
+        return {keys[k]: convert(v, tgt[keys[k]], path + (keys[k],)) for k, v in src.items()}
 
     return convert({k: tree[k] for k in ("vision_tower", "mm_projector")}, target, ())
-
-
-def _reshaped(value: Any, source: Any, target: Any, path: tuple) -> Any:
-    """``value`` (read as ``source``) reshaped to ``target``'s shape."""
-    if int(np.prod(value.shape)) != int(np.prod(target.shape)):
-        raise _mismatch(path, source, target)
-    return value.reshape(target.shape)
-
-
-def _mismatch(path: tuple, source: Any, target: Any) -> ValueError:
-    return ValueError(
-        f"checkpoint tensor {'.'.join(path)} has shape {tuple(source.shape)}, which does not fit "
-        f"the config (the model stores it as {tuple(target.shape)})"
-    )

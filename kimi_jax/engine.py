@@ -43,6 +43,7 @@ from kimi_jax.attention import absorbed_is_cheaper
 from kimi_jax.cache import KVCache
 from kimi_jax.model import Kimi, media_grids
 from kimi_jax.sampling import Sampling, sample
+from kimi_jax.sharding import to_host
 from kimi_jax.vision.media import check_expanded
 from kimi_jax.vision.tower import Grid
 
@@ -165,7 +166,7 @@ class Engine:
         if len(prompts) != cache.batch:
             raise ValueError(f"{len(prompts)} prompts for a cache of batch {cache.batch}")
         prompts = [[int(t) for t in p] for p in prompts]
-        self._check_prompts(prompts, np.asarray(cache.lengths).tolist(), cache.length)
+        self._check_prompts(prompts, to_host(cache.lengths).tolist(), cache.length)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = min(chunk, _next_power_of_two(int(lengths.max())))
         n_chunks = -(-int(lengths.max()) // T)
@@ -258,7 +259,7 @@ class Engine:
         produced = np.zeros(len(prompts), np.int64)
         while True:
             key, step_key = jax.random.split(key)
-            tokens = np.asarray(sample(logits, step_key, sampling))
+            tokens = to_host(sample(logits, step_key, sampling))
             yield np.where(done, -1, tokens).astype(np.int32)
             produced += ~done
             done |= np.isin(tokens, stops) | (produced >= budget)

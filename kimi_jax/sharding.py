@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "expert", "tensor")
@@ -236,6 +237,16 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
         for i, a in enumerate(logical_axes)
     )  # a dimension the mesh cannot split evenly (a small batch) stays whole
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, layout.spec(axes)))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded) array's whole value on this host; gathered from the other
+    processes when some of its shards live on their devices."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def shard_model(model, mesh: str | Layout, devices: list | None = None):

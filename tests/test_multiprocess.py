@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mesh", ["data=1,expert=4,tensor=2", "data=1,expert=8,tensor=1"])
+@pytest.mark.parametrize("mesh", ["data=1,expert=4,tensor=2", "data=1,expert=8,tensor=1", "data=2,expert=4,tensor=1"])
 def test_two_processes_equal_one(tmp_path, mesh):
     src = write_checkpoint(tmp_path / "hf", k25_config(TEXT, multimodal=False), seed=7, dtype="float32")
     ckpt = kimi_jax.convert(src, tmp_path / "converted", dtype="float32", progress=False)

@@ -12,10 +12,27 @@ from pathlib import Path
 def _cmd_convert(args: argparse.Namespace) -> None:
     from kimi_jax.convert import convert
 
+    if args.mesh:
+        _check_layout_fits(args.src, args.mesh)
     t0 = time.perf_counter()
     out = convert(args.src, args.dst, dtype=args.dtype, dequantize=args.dequantize, overwrite=args.overwrite,
                   progress=not args.quiet)
     print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+
+
+def _check_layout_fits(src: str, mesh: str) -> None:
+    """Fails before converting when the layout cannot shard this model (indivisible axes)."""
+    import jax
+    from flax import nnx
+
+    from kimi_jax.config import KimiConfig
+    from kimi_jax.model import Kimi
+    from kimi_jax.sharding import load_layout, state_shardings
+
+    config, layout = KimiConfig.from_file(src), load_layout(mesh)
+    abstract_mesh = jax.sharding.AbstractMesh(tuple(n for _, n in layout.axes), tuple(a for a, _ in layout.axes))
+    state_shardings(nnx.state(nnx.eval_shape(lambda: Kimi(config))), abstract_mesh, layout)
+    print(f"mesh layout {layout.describe()} fits this model")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -74,7 +91,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     kimi_jax.convert(hf, converted, overwrite=True, progress=False)
     print(f"   done in {time.perf_counter() - t0:.1f}s")
     print("3. loading it and running a forward pass")
-    model = kimi_jax.load(converted, dtype="float32")
+    model = kimi_jax.load(converted, dtype="float32", mesh=args.mesh)
     ids = np.random.default_rng(args.seed).integers(0, 400, size=(2, 12))
     logits = np.asarray(model(ids))
     print(f"   input_ids {ids.shape} -> logits {logits.shape}; next-token argmax {logits[:, -1].argmax(-1).tolist()}")
@@ -343,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write INT4 routed experts as dense --dtype experts (default: keep them 4-bit)")
     p.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--mesh", help="first check that this mesh layout can shard the model (converted "
+                                  "checkpoints themselves do not depend on the mesh)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("info", help="config summary and parameter counts of a checkpoint (converted or not)")
@@ -353,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="write a tiny random K2.5 checkpoint, convert, load and run it")
     p.add_argument("--dir", help="working folder (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", help="run the demo model on this mesh layout (e.g. data=1,expert=1,tensor=1)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="generate from a prompt, streaming to the terminal")

@@ -1,7 +1,8 @@
 """Multi-head Latent Attention (MLA).
 
 Einsum letters: B batch, T query positions, S key positions, D model, N heads,
-Q q-LoRA rank, C kv latent (kv_lora_rank), R rope dim, H nope head dim, V value head dim.
+Q q-LoRA rank, C kv latent (kv_lora_rank), R rope dim, H nope head dim, V value head dim,
+K a whole per-head query (H + R) or key-and-value (H + V) row of a projection.
 
 Two mathematically equal forms share the weights:
 - ``expanded``: the latent is expanded to per-head keys and values (``kv_b_proj``), then

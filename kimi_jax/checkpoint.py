@@ -82,7 +82,7 @@ def load(
     )
     graphdef, state = nnx.split(abstract)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, state.to_pure_dict())
     else:
         layout = load_layout(mesh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -13,25 +14,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from kimi_jax.convert import convert
 
     if args.mesh:
-        _check_layout_fits(args.src, args.mesh)
+        _check_layout_fits(args.src, args.mesh, args.dtype, args.dequantize)
     t0 = time.perf_counter()
     out = convert(args.src, args.dst, dtype=args.dtype, dequantize=args.dequantize, overwrite=args.overwrite,
                   progress=not args.quiet)
     print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
 
 
-def _check_layout_fits(src: str, mesh: str) -> None:
-    """Fails before converting when the layout cannot shard this model (indivisible axes)."""
+def _check_layout_fits(src: str, mesh: str, dtype: str, dequantize: bool) -> None:
+    """Fails before converting when the layout cannot shard the model the conversion will
+    produce (indivisible axes; INT4 experts' scales included)."""
     import jax
     from flax import nnx
 
     from kimi_jax.config import KimiConfig
+    from kimi_jax.convert import DTYPES, SafetensorsSource, expert_format_of
     from kimi_jax.model import Kimi
     from kimi_jax.sharding import load_layout, state_shardings
 
     config, layout = KimiConfig.from_file(src), load_layout(mesh)
+    experts = expert_format_of(SafetensorsSource(src), dequantize)
     abstract_mesh = jax.sharding.AbstractMesh(tuple(n for _, n in layout.axes), tuple(a for a, _ in layout.axes))
-    state_shardings(nnx.state(nnx.eval_shape(lambda: Kimi(config))), abstract_mesh, layout)
+    model = nnx.eval_shape(lambda: Kimi(config, dtype=DTYPES[dtype], expert_format=experts))
+    state_shardings(nnx.state(model), abstract_mesh, layout)
     print(f"mesh layout {layout.describe()} fits this model")
 
 
@@ -61,9 +66,10 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {name:16s}{n:>20,d}  {100 * n / total:5.1f}%{human_bytes(sizes[name]):>14s}")
     print(f"  {'total':16s}{total:>20,d}{'':8s}{human_bytes(total_bytes):>14s}")
     print(f"  {'active / token':16s}{int(active_parameters(config, counts)):>20,d}")
-    bits = 8 * sizes["routed_experts"] / counts["routed_experts"]
-    print(f"\nrouted experts  {bits:.2f} bits per parameter on the device"
-          + (" (int4 values + one bfloat16 scale per 32)" if experts == "int4" else ""))
+    if counts["routed_experts"]:
+        bits = 8 * sizes["routed_experts"] / counts["routed_experts"]
+        print(f"\nrouted experts  {bits:.2f} bits per parameter on the device"
+              + (" (int4 values + one bfloat16 scale per 32)" if experts == "int4" else ""))
     if args.mesh:
         from kimi_jax.sharding import load_layout
         from kimi_jax.summary import bytes_per_device
@@ -394,13 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_voice(command: str) -> None:
+    """In a multi-process run only process 0 talks to the terminal; chat needs one process."""
+    import jax
+
+    if command == "chat":
+        raise ValueError("chat reads the terminal, so it runs in one process; use generate for multi-process runs")
+    if jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "coordinator"):  # commands that run the model can join a multi-process run
             from kimi_jax.distributed import initialize
 
-            initialize(args.coordinator, args.num_processes, args.process_id)
+            if initialize(args.coordinator, args.num_processes, args.process_id):
+                _one_voice(args.command)
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"kimi-jax {args.command}: error: {e}", file=sys.stderr)

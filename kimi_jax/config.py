@@ -172,6 +172,9 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     if kind == "default":
         return float(theta), None
     _require(kind == "yarn", "rope_scaling.type", kind, "only yarn or none")
+    for key in ("factor", "original_max_position_embeddings"):
+        if params.get(key) is None:
+            raise UnsupportedConfigError(f"config: the yarn rope scaling has no {key!r}")
     return float(theta), YarnScaling(
         factor=float(params["factor"]),
         original_max_position_embeddings=int(params["original_max_position_embeddings"]),

@@ -33,7 +33,7 @@ folder that is renamed to the destination on success.
 
 The vision tower and projector (``vision_tower.*``, ``mm_projector.*``) are written in
 MoonViT's own layout too, from the table of ``kimi_jax.vision.tower.checkpoint_tensors``, so
-:func:`kimi_jax.load` restores them like every other array.
+``kimi_jax.load`` restores them like every other array.
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ def _check_fp8(target: Target, name: str, parts, source: SafetensorsSource, quan
     grid = (-(-out // bo), -(-inp // bi))
     if scale_inv.dtype not in ("F32", "BF16") or scale_inv.shape != grid:
         raise ConversionError(
-            f"tensor {parts[1]} is {scale_inv.dtype} {list(scale_inv.shape)}, expected F32 {list(grid)} "
+            f"tensor {parts[1]} is {scale_inv.dtype} {list(scale_inv.shape)}, expected F32 or BF16 {list(grid)} "
             f"(one scale per {bo}x{bi} block of {name} {list(weight.shape)})"
         )
 

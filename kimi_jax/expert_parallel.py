@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-LocalExperts = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
-"""``(local expert state, rows [M, D], local expert id [M], valid [M]) -> [M, D]``: the local
-experts' outputs for rows sorted by local expert id (rows that are not valid may hold
-anything; their outputs are discarded)."""
+LocalExperts = Callable[[object, jax.Array, jax.Array], jax.Array]
+"""``(local expert state, rows [M, D], local expert id [M]) -> [M, D]``: the local experts'
+outputs for rows sorted by local expert id; rows whose id is the number of local experts
+belong to no expert (their outputs are discarded)."""
 
 
 def _axes(names: tuple[str, ...]) -> str | tuple[str, ...] | None:
@@ -58,6 +58,12 @@ def expert_parallel_moe(
     parallelism) and replicated elsewhere; ``expert_state`` is split by ``expert_specs``
     (its leading axis over ``expert_axes``; expert hidden dims over ``hidden_axes``).
     """
+    shared = sorted(set(expert_axes) & set(token_axes))
+    if shared:
+        raise ValueError(
+            f"expert parallelism needs the experts' mesh axes {list(expert_axes)} to be distinct from the "
+            f"batch's {list(token_axes)}; both use {shared} (map 'expert' and 'batch' to different mesh axes)"
+        )
     P = 1
     for a in expert_axes:
         P *= mesh.shape[a]
@@ -103,8 +109,7 @@ def expert_parallel_moe(
         flat_rows, flat_ids = recv_rows.reshape(P * C, D), recv_ids.reshape(-1)
         valid = flat_ids >= 0
         local_order = jnp.argsort(jnp.where(valid, flat_ids, e_local), stable=True)
-        out_sorted = local_experts(state, flat_rows[local_order], jnp.where(valid, flat_ids, e_local)[local_order],
-                                   valid[local_order])
+        out_sorted = local_experts(state, flat_rows[local_order], jnp.where(valid, flat_ids, e_local)[local_order])
         out = jnp.zeros_like(out_sorted).at[local_order].set(out_sorted)
         out = jnp.where(valid[:, None], out, 0)
         if hidden_axes:

@@ -7,7 +7,8 @@ map those names to mesh axes; the model code never names a mesh axis.
 Logical axes: ``vocab``, ``embed`` (D), ``q_lora``, ``kv_lora`` (C), ``kv_a`` (C + R),
 ``heads`` (N), ``qk_head`` (nope + rope), ``kv_head`` (nope + v), ``v_head``, ``mlp``
 (dense and shared-expert hidden), ``expert`` (E), ``expert_mlp`` (F), ``router`` (the
-router's expert dimension), and ``norm`` for RMSNorm scales.
+router's expert dimension), ``norm`` for RMSNorm scales, and ``batch`` for activations and
+the KV cache.
 """
 
 from __future__ import annotations

@@ -261,8 +261,7 @@ class MoE(nnx.Module):
             values[key] = var.get_value()
             specs[key] = layout.spec(var.get_metadata()["axes"], var.shape)
 
-        def local(values, rows, ids, valid):
-            del valid  # rows past the valid ones are in no group; their outputs are discarded
+        def local(values, rows, ids):
             w = _nest_projections(values)
             e_local = jax.tree.leaves(w["gate_proj"])[0].shape[0]
             sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)

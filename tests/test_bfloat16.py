@@ -22,8 +22,8 @@ def test_bfloat16_generation_close_to_float32(tmp_path):
     prompts = [list(range(3, 40)), list(range(100, 117))]
     logits = {}
     for name, model in (("bf16", bf16), ("f32", f32)):
-        engine = Engine(model)
-        cache = engine.new_cache(2, 150)  # longer than one key block of the tests' engines: both paths
+        engine = Engine(model, key_block=64)  # a 150-slot cache is attended in blocks of 64
+        cache = engine.new_cache(2, 150)
         first, cache = engine.prefill(prompts, cache, chunk=16)
         second, _ = engine.decode(jnp.argmax(first, -1), cache)
         logits[name] = np.stack([np.asarray(first), np.asarray(second)])

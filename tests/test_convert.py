@@ -159,3 +159,13 @@ def test_cli_convert_and_info(hf, tmp_path, capsys):
     assert "routed_experts" in out and "active / token" in out
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_mesh_checks(hf, tmp_path, capsys):
+    """convert --mesh refuses a layout the model cannot be split over, before writing; info --mesh sizes it."""
+    assert main(["convert", str(hf), str(tmp_path / "out"), "--quiet", "--mesh", "data=1,expert=4,tensor=1"]) == 2
+    assert "axis 'expert' of size 6 cannot be split 4 ways" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(hf), str(tmp_path / "out"), "--quiet", "--mesh", "data=1,expert=2,tensor=1"]) == 0
+    assert main(["info", str(tmp_path / "out"), "--mesh", "data=1,expert=2,tensor=1"]) == 0
+    assert "of decoder parameters per device" in capsys.readouterr().out

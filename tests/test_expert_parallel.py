@@ -57,3 +57,16 @@ def test_experts_not_divisible_by_mesh():
     mesh = jax.sharding.AbstractMesh((1, 8, 1), ("data", "expert", "tensor"))
     with pytest.raises(ValueError, match="axis 'expert' of size 12 cannot be split 8 ways"):
         state_shardings(nnx.state(moe), mesh, load_layout("data=1,expert=8,tensor=1"))
+
+
+def test_expert_axes_must_differ_from_batch_axes(tmp_path):
+    """Experts split over the batch's mesh axis too would mix data shards: refused, not wrong."""
+    f = tmp_path / "overlap.toml"
+    f.write_text('[mesh]\ndata = 2\nexpert = 4\ntensor = 1\n[rules]\nbatch = "data"\nexpert = ["expert", "data"]\n')
+    layout = load_layout(f)
+    mesh = layout.make_mesh()
+    cfg = moe_config()
+    moe = shard(MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh, layout)
+    x = jnp.ones((4, 3, cfg.hidden_size))
+    with use_layout(mesh, layout), pytest.raises(ValueError, match="distinct from the batch's"):
+        nnx.jit(lambda m, x: m(x))(moe, x)

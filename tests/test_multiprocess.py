@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kimi_jax
+from kimi_jax.sharding import load_layout
 from kimi_jax.synthetic import k25_config, write_checkpoint
 
 TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,
@@ -41,5 +42,5 @@ def test_two_processes_equal_one(tmp_path, mesh):
     result = np.load(out)
     assert np.abs(result["logits"] - ref_logits).max() / np.abs(ref_logits).max() < 1e-5
     assert result["gen"].tolist() == ref_gen
-    experts_per_device = TEXT["n_routed_experts"] // int(mesh.split("expert=")[1][0])
+    experts_per_device = TEXT["n_routed_experts"] // load_layout(mesh).axis_size("expert")
     assert int(result["local_rows"]) == 4 * experts_per_device  # this process holds only its devices' experts

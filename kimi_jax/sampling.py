@@ -50,14 +50,23 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames="sampling")
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row of ``logits`` [B, V] -> [B] (int32), drawn with ``key``."""
-    if sampling.temperature == 0:
+    """One token per row of ``logits`` [B, V] -> [B] (int32), drawn with ``key``.
+
+    Temperature and top-p are traced values, so changing them does not recompile; greedy
+    decoding, top-k and whether top-p is on select the compiled variant.
+    """
+    return _sample(logits, key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
+                   greedy=sampling.temperature == 0, top_k=sampling.top_k, use_top_p=sampling.top_p < 1)
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        logits = top_k_filter(logits, sampling.top_k)
-    if sampling.top_p < 1:
-        logits = top_p_filter(logits, sampling.top_p)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if use_top_p:
+        logits = top_p_filter(logits, top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

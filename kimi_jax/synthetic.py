@@ -62,10 +62,15 @@ def k25_config(text: dict[str, Any] | None = None, vision: dict[str, Any] | None
 
 
 def vision_tensor_shapes(vision: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Official names and shapes of the MoonViT tower and the patch-merger projector."""
+    """Official names and shapes of the MoonViT tower and the patch-merger projector.
+
+    Written from the official layout, independently of the model's own table
+    (``kimi_jax.vision.tower.checkpoint_tensors``), so the tests can check one against the other.
+    """
     H, I = vision["vt_hidden_size"], vision["vt_intermediate_size"]
     p, mm, out = vision["patch_size"], vision["mm_hidden_size"], vision["text_hidden_size"]
-    kh, kw = vision["merge_kernel_size"]
+    kernel = vision["merge_kernel_size"]
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     merged = mm * kh * kw
     shapes = {
         "vision_tower.patch_embed.proj.weight": (H, 3, p, p),

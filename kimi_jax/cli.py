@@ -208,15 +208,6 @@ def _tokenizer_and_template(checkpoint: Path, *, required: bool):
     return tokenizer, ChatTemplate.from_dir(checkpoint)
 
 
-def _generation_stop_ids(checkpoint: Path) -> list[int]:
-    """The ``eos_token_id`` of the checkpoint's ``generation_config.json`` (an id or a list), if any."""
-    import json
-
-    path = checkpoint / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
 def _generate_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -255,6 +246,7 @@ def _user_message(text: str, images: list[str]) -> dict:
 def _cmd_generate(args: argparse.Namespace) -> None:
     import kimi_jax
     from kimi_jax.checkpoint import checkpoint_info
+    from kimi_jax.generation import generation_stop_ids
 
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
@@ -276,7 +268,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     printer = _ReplyPrinter(tokenizer, parse=is_chat, thinking=args.mode == "thinking")
     [result] = kimi_jax.generate(
         model, [prompt], tokenizer=tokenizer, chat_template=template, preprocessor=preprocessor,
-        seed=args.seed, stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+        seed=args.seed, stop_ids=generation_stop_ids(checkpoint), on_token=printer.token,
         **media, **_generate_kwargs(args),
     )
     printer.close()
@@ -287,6 +279,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_chat(args: argparse.Namespace) -> None:
     import kimi_jax
     from kimi_jax.checkpoint import checkpoint_info
+    from kimi_jax.generation import generation_stop_ids
 
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
@@ -322,7 +315,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         printer = _ReplyPrinter(tokenizer, parse=True, thinking=args.mode == "thinking")
         [result] = kimi_jax.generate(
             model, [history], tokenizer=tokenizer, chat_template=template, preprocessor=preprocessor,
-            seed=args.seed + turn, stop_ids=_generation_stop_ids(checkpoint), on_token=printer.token,
+            seed=args.seed + turn, stop_ids=generation_stop_ids(checkpoint), on_token=printer.token,
             **_generate_kwargs(args),
         )
         printer.close()

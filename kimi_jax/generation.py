@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,13 @@ def _attach_media(
     return expanded, np.concatenate(pixels), np.concatenate(grids)
 
 
+def generation_stop_ids(folder: str | Path) -> list[int]:
+    """The ``eos_token_id`` of a checkpoint folder's ``generation_config.json`` (an id or a list), if any."""
+    path = Path(folder) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def generate(
     model: Kimi,
     prompts: Sequence[Sequence[int] | str | Sequence[Mapping[str, Any]]],
@@ -232,8 +240,10 @@ def generate(
         raise TypeError("prompts must be a list of prompts, e.g. [[1, 2, 3]], ['text'] or [messages]")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
+    folder_stops: list[int] = []
     if isinstance(tokenizer, str | Path):
         folder = Path(tokenizer)
+        folder_stops = generation_stop_ids(folder)
         chat_template = chat_template or ChatTemplate.from_dir(folder)
         if preprocessor is None and (folder / "preprocessor_config.json").is_file():
             preprocessor = PreprocessConfig.from_file(folder)
@@ -259,7 +269,7 @@ def generate(
         top_p=defaults.top_p if top_p is None else top_p,
         top_k=top_k,
     )
-    stops = set(stop_ids)
+    stops = set(stop_ids) | set(folder_stops)
     if tokenizer is not None:
         stops.update(tokenizer.stop_ids)
     elif model.config.eos_token_id is not None:

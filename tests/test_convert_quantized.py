@@ -210,7 +210,7 @@ FP8_CORRUPTIONS = {
     "missing scale_inv": (dict(drop=[f"{LINEAR}.weight_scale_inv"]),
                           rf"tensor {LINEAR}.weight is F8_E4M3 but there is no {LINEAR}.weight_scale_inv"),
     "scale grid": (dict(replace={f"{LINEAR}.weight_scale_inv": lambda t: t[:, :1]}),
-                   rf"tensor {LINEAR}.weight_scale_inv is F32 \[2, 1\], expected F32 \[2, 2\]"),
+                   rf"tensor {LINEAR}.weight_scale_inv is F32 \[2, 1\], expected F32 or BF16 \[2, 2\]"),
     "int4 config": (dict(config=lambda cfg: cfg.update(quantization_config=_k25_quant())),
                     r"tensor model\.layers\.0\.\S+\.weight_scale_inv marks an FP8 block-quantized "
                     "weight, but config.json has a 'compressed-tensors' quantization_config"),

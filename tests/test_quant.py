@@ -1,6 +1,6 @@
 """Tests for kimi_jax.quant: INT4 pack-quantized and FP8 block formats.
 
-Fixtures in tests/fixtures/quant/ are copied from /work/shared/golden: every routed-expert
+Fixtures in tests/fixtures/quant/ come from the golden reference fixtures: every routed-expert
 tensor of text_e8_int4/model.safetensors (packed by the compressed-tensors library), the
 float originals of layer 1's experts from text_e8/model.safetensors, and text_e8_int4's
 ``quantization_config``.

@@ -17,8 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from kimi_jax.config import KimiConfig
-from kimi_jax.synthetic import k25_config, official_tensor_shapes, write_checkpoint
+from kimi_jax.config.model import KimiConfig
+from kimi_jax.testing.synthetic import (
+    k25_config,
+    official_tensor_shapes,
+    write_checkpoint,
+)
 
 
 def sized_config(gb: float) -> dict:
@@ -46,7 +50,7 @@ def main() -> None:
         print(f"writing {total / 1e9:.2f} GB checkpoint to {src}")
         write_checkpoint(src, config, shards=8)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kimi_jax.cli", "convert", str(src), str(dst), "--overwrite", "--quiet"],
+    subprocess.run([sys.executable, "-m", "kimi_jax.cli.main", "convert", str(src), str(dst), "--overwrite", "--quiet"],
                    check=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(f"checkpoint {total / 1e9:.2f} GB, one MoE layer {layer1 / 1e9:.2f} GB, "

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.config import kimi_k25_config
-from kimi_jax.moe import INT4_GROUP_SIZE, MoE
+from kimi_jax.config.model import kimi_k25_config
+from kimi_jax.model.moe import INT4_GROUP_SIZE, MoE
 
 
 def time_call(fn, *args, iters: int) -> float:

@@ -20,26 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.config import KimiConfig, builtin_config_dir
-from kimi_jax.engine import Engine
-from kimi_jax.model import Kimi
-from kimi_jax.sharding import load_layout, state_shardings
+from kimi_jax.config.model import KimiConfig, builtin_config_dir
+from kimi_jax.inference.engine import Engine
+from kimi_jax.model.kimi import Kimi
+from kimi_jax.parallel import Parallel
 
 
 def build(config: KimiConfig, mesh_spec: str, expert_format: str) -> Kimi:
-    layout = load_layout(mesh_spec)
-    mesh = layout.make_mesh()
+    parallel = Parallel.create(mesh_spec)
 
     def make() -> Kimi:
-        return Kimi(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format=expert_format)
+        return Kimi(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format=expert_format, parallel=parallel)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(abstract, mesh, layout)
+    shardings = parallel.state_shardings(abstract)
     pure = jax.jit(lambda: nnx.state(make()).to_pure_dict(), out_shardings=shardings)()
     nnx.replace_by_pure_dict(abstract, pure)
-    model = nnx.merge(graphdef, abstract)
-    model.language_model.parallel = (mesh, layout)
-    return model
+    return nnx.merge(graphdef, abstract)
 
 
 def memory() -> list[dict]:

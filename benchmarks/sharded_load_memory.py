@@ -24,7 +24,7 @@ def worker(checkpoint: str, process_id: int, port: int) -> None:
     from flax import nnx
 
     import kimi_jax
-    from kimi_jax.distributed import initialize
+    from kimi_jax.parallel.distributed import initialize
 
     initialize(f"127.0.0.1:{port}", 2, process_id)
     model = kimi_jax.load(checkpoint, mesh="data=1,expert=8,tensor=1")

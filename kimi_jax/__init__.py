@@ -1,11 +1,16 @@
 """Kimi K2.5 in JAX and Flax NNX."""
 
-from kimi_jax.checkpoint import load
-from kimi_jax.config import KimiConfig, TextConfig, UnsupportedConfigError, kimi_k25_config
-from kimi_jax.convert import ConversionError, convert
-from kimi_jax.generation import generate
+from kimi_jax.checkpoint.convert import ConversionError, convert
+from kimi_jax.checkpoint.load import load
+from kimi_jax.config.model import (
+    KimiConfig,
+    TextConfig,
+    UnsupportedConfigError,
+    kimi_k25_config,
+)
+from kimi_jax.inference.generate import generate
+from kimi_jax.media.placeholders import expand_media_placeholders
 from kimi_jax.model import Kimi
-from kimi_jax.vision.media import expand_media_placeholders
 
 __all__ = [
     "ConversionError",

@@ -1,0 +1,245 @@
+"""Model output back to messages: :func:`parse_output` and :class:`StreamParser` split
+generated text into reasoning, answer and tool calls, without raising on truncated or
+malformed output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from kimi_jax.chat.special import (
+    EOS,
+    IM_END,
+    THINK,
+    THINK_END,
+    TOOL_CALL_ARGUMENT_BEGIN,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_SECTION_BEGIN,
+    TOOL_CALLS_SECTION_END,
+)
+from kimi_jax.chat.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class ToolCall:
+    """One tool call written by the model.
+
+    ``name`` is read from ``id`` (``functions.NAME:INDEX``). ``arguments`` is the parsed JSON
+    object of ``raw_arguments``, or ``None`` when that text is not a JSON object. ``error``
+    says what was wrong (cut off, missing markers, bad JSON, odd id), or is ``None``.
+    """
+
+    id: str
+    name: str
+    arguments: dict[str, Any] | None
+    raw_arguments: str
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class ParsedOutput:
+    """Model output split into reasoning, answer text and tool calls.
+
+    :meth:`StreamParser.feed` returns one of these holding only what a chunk added.
+    """
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+
+    def to_message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation (arguments kept as written)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.raw_arguments}}
+                for c in self.tool_calls
+            ]
+        return message
+
+
+_MARKERS = (THINK, THINK_END, TOOL_CALLS_SECTION_BEGIN, TOOL_CALLS_SECTION_END, TOOL_CALL_BEGIN,
+            TOOL_CALL_ARGUMENT_BEGIN, TOOL_CALL_END, IM_END, EOS)
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in _MARKERS))
+_MARKER_PREFIXES = frozenset(m[:k] for m in _MARKERS for k in range(1, len(m)))
+_MAX_PREFIX_LEN = max(len(p) for p in _MARKER_PREFIXES)
+_TOOL_ID_RE = re.compile(r"(?:functions\.)?(.+):(\d+)", re.DOTALL)
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+                    bool: "boolean", type(None): "null"}
+
+# Parser states
+_REASONING, _CONTENT, _SECTION, _CALL_ID, _CALL_ARGS, _DONE = range(6)
+
+
+def _parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
+    if not raw.strip():
+        return None, "empty arguments"
+    try:
+        value = json.loads(raw, strict=False)
+    except json.JSONDecodeError as e:
+        return None, f"arguments are not valid JSON ({e})"
+    if not isinstance(value, dict):
+        return None, f"arguments are a JSON {_JSON_TYPE_NAMES[type(value)]}, not an object"
+    return value, None
+
+
+class StreamParser:
+    """Incremental :func:`parse_output`: feed decoded text in chunks of any size.
+
+    Markers split across chunks are held back until they are complete. A tool call is
+    reported once its ``<|tool_call_end|>`` (or whatever ends it) has arrived. Text between
+    the calls of a section, and everything after ``<|im_end|>`` or ``[EOS]``, is ignored.
+    """
+
+    def __init__(self, *, thinking: bool = True):
+        self._state = _REASONING if thinking else _CONTENT
+        self._pending = ""
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self._tool_calls: list[ToolCall] = []
+        self._call_id: list[str] = []
+        self._call_args: list[str] | None = None  # None until <|tool_call_argument_begin|>
+        self._delta = ParsedOutput()
+        self._closed = False
+
+    @property
+    def result(self) -> ParsedOutput:
+        """Everything parsed so far."""
+        return ParsedOutput("".join(self._reasoning), "".join(self._content), list(self._tool_calls))
+
+    def feed(self, chunk: str) -> ParsedOutput:
+        """Parse one more chunk of output; returns what it added."""
+        if self._closed:
+            raise RuntimeError("StreamParser.feed after close()")
+        self._delta = ParsedOutput()
+        text = self._pending + chunk
+        pos = 0
+        for match in _MARKER_RE.finditer(text):
+            self._text(text[pos:match.start()])
+            self._marker(match.group())
+            pos = match.end()
+        rest = text[pos:]
+        held = next((k for k in range(min(len(rest), _MAX_PREFIX_LEN), 0, -1) if rest[-k:] in _MARKER_PREFIXES), 0)
+        self._text(rest[:len(rest) - held])
+        self._pending = rest[len(rest) - held:]
+        return self._delta
+
+    def close(self) -> ParsedOutput:
+        """End of output: flush held-back text and report an unfinished tool call as cut off."""
+        if self._closed:
+            return ParsedOutput()
+        self._delta = ParsedOutput()
+        self._text(self._pending)
+        self._pending = ""
+        if self._state in (_CALL_ID, _CALL_ARGS):
+            self._end_call(closed=False)
+        self._state = _DONE
+        self._closed = True
+        return self._delta
+
+    def _text(self, text: str) -> None:
+        if not text:
+            return
+        if self._state == _REASONING:
+            self._reasoning.append(text)
+            self._delta.reasoning += text
+        elif self._state == _CONTENT:
+            self._content.append(text)
+            self._delta.content += text
+        elif self._state == _CALL_ID:
+            self._call_id.append(text)
+        elif self._state == _CALL_ARGS:
+            self._call_args.append(text)
+
+    def _marker(self, marker: str) -> None:
+        state = self._state
+        if state == _DONE:
+            return
+        if marker in (IM_END, EOS):
+            if state in (_CALL_ID, _CALL_ARGS):
+                self._end_call(closed=False)
+            self._state = _DONE
+        elif state in (_REASONING, _CONTENT):
+            if marker == THINK:
+                self._state = _REASONING
+            elif marker == THINK_END:
+                self._state = _CONTENT
+            elif marker == TOOL_CALLS_SECTION_BEGIN:
+                self._state = _SECTION
+            elif marker == TOOL_CALL_BEGIN:  # a call without its section marker
+                self._start_call()
+            # stray argument / call-end / section-end markers outside a section are dropped
+        elif state == _SECTION:
+            if marker == TOOL_CALL_BEGIN:
+                self._start_call()
+            elif marker == TOOL_CALLS_SECTION_END:
+                self._state = _CONTENT
+        elif marker == TOOL_CALL_ARGUMENT_BEGIN and state == _CALL_ID:
+            self._state = _CALL_ARGS
+            self._call_args = []
+        elif marker == TOOL_CALL_END:
+            self._end_call(closed=True)
+            self._state = _SECTION
+        elif marker == TOOL_CALL_BEGIN:
+            self._end_call(closed=False)
+            self._start_call()
+        elif marker == TOOL_CALLS_SECTION_END:
+            self._end_call(closed=False)
+            self._state = _CONTENT
+        else:  # e.g. "</think>" inside arguments is text
+            self._text(marker)
+
+    def _start_call(self) -> None:
+        self._state = _CALL_ID
+        self._call_id = []
+        self._call_args = None
+
+    def _end_call(self, *, closed: bool) -> None:
+        call_id = "".join(self._call_id).strip()
+        raw = "" if self._call_args is None else "".join(self._call_args)
+        errors = [] if closed else [f"cut off before {TOOL_CALL_END}"]
+        arguments = None
+        if self._call_args is None:
+            errors.append(f"no {TOOL_CALL_ARGUMENT_BEGIN}")
+        else:
+            arguments, error = _parse_arguments(raw)
+            if error:
+                errors.append(error)
+        if m := _TOOL_ID_RE.fullmatch(call_id):
+            name = m.group(1)
+        else:
+            name = call_id.removeprefix("functions.")
+            errors.append(f"id {call_id!r} is not of the form functions.NAME:INDEX")
+        call = ToolCall(call_id, name, arguments, raw, "; ".join(errors) or None)
+        self._tool_calls.append(call)
+        self._delta.tool_calls.append(call)
+
+
+def parse_output(
+    output: str | Iterable[int], *, tokenizer: Tokenizer | None = None, thinking: bool = True,
+) -> ParsedOutput:
+    """Split generated output (text, or token ids with ``tokenizer``) into reasoning, answer and tool calls.
+
+    In thinking mode the output starts inside the reasoning (the prompt ended with
+    ``<think>``); reasoning ends at ``</think>`` or where a tool-call section begins. In
+    instant mode everything outside tool-call sections is answer text. A tool-call section
+    is ``<|tool_calls_section_begin|>``, then per call ``<|tool_call_begin|>functions.NAME:IDX``
+    ``<|tool_call_argument_begin|>{json}<|tool_call_end|>`` (no space between), then
+    ``<|tool_calls_section_end|>``; problems are reported in :attr:`ToolCall.error`, never raised.
+    """
+    if isinstance(output, str):
+        text = output
+    elif tokenizer is None:
+        raise ValueError("parse_output needs a tokenizer to decode token ids")
+    else:
+        text = tokenizer.decode(output)
+    parser = StreamParser(thinking=thinking)
+    parser.feed(text)
+    parser.close()
+    return parser.result

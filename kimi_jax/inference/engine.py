@@ -1,0 +1,266 @@
+"""Batched generation on the compressed MLA cache: compiled prefill / decode steps and the token loop.
+
+One pure step serves both phases, :func:`extend_step`: (parameters, tokens, counts, cache)
+-> (logits at each row's last new token, cache), jit-compiled with the cache donated, so the
+cache is updated in place. Positions are not passed: row ``b``'s new tokens continue at
+``cache.lengths[b]``.
+
+- **Padding**: prompts are right-padded. Each row's tokens sit at positions 0, 1, ... of its
+  own, exactly as if it ran alone, and no position offsets or key-padding masks are needed.
+- **Prefill** feeds the prompts in chunks of at most ``prefill_chunk`` tokens; each chunk's
+  latents are written into the cache, then its queries attend over the cache (earlier
+  chunks included), in MLA's expanded or absorbed form, whichever costs fewer flops for
+  the chunk's length (:func:`kimi_jax.model.mla.absorbed_is_cheaper`; expanded from about
+  170 tokens for K2.5).
+- **Decode** feeds one token per row and always uses the absorbed form: the cache is never
+  expanded to per-head keys and values. Finished rows are fed with a count of 0, so their
+  cache and length stay as they are.
+- **Media**: a prefill may carry the prompts' media (``pixel_values`` / ``grid_thws``, the
+  prompts holding one ``<|media_pad|>`` per media token). The vision tower encodes them once
+  (:func:`embed_step`), the features are spliced into the prompts' embeddings, and the
+  chunks are fed as embeddings instead of ids; decode is unchanged.
+- **Long caches** are attended in key blocks with an online softmax (``MLA.attend_cache``),
+  so a step's scores are [B, N, T, key block] within :data:`SCORE_BYTES` per layer (never
+  prompt x prompt, nor chunk x whole cache), and blocks past the last position are not read.
+
+Shapes are static: a fixed batch and cache length per generation, prefill chunks of one
+length, so decode compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kimi_jax.inference.sampling import Sampling, sample
+from kimi_jax.media.placeholders import check_expanded
+from kimi_jax.model.cache import KVCache
+from kimi_jax.model.kimi import Kimi, media_grids
+from kimi_jax.model.mla import absorbed_is_cheaper
+from kimi_jax.model.vision import Grid
+from kimi_jax.parallel.placement import to_host
+
+ATTENTION_FORMS = ("auto", "absorbed", "expanded")
+GREEDY = Sampling(temperature=0.0)
+SCORE_BYTES = 1 << 30
+"""Budget for one layer's attention scores (float32 [B, N, T, key block]) when choosing the key block."""
+MAX_KEY_BLOCK = 8192
+"""Longest key block: caches longer than this are attended block by block, skipping empty blocks."""
+CACHE_ROUNDING = 128
+"""Default cache lengths are rounded up to a multiple of this, so similar requests share compiled steps."""
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="cache")
+def extend_step(
+    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array | None, counts: jax.Array, cache: KVCache,
+    inputs_embeds: jax.Array | None = None, *, absorbed: bool, key_block: int,
+) -> tuple[jax.Array, KVCache]:
+    """Appends ``counts[b]`` tokens of row ``b`` of ``input_ids`` [B, T] (or of their
+    embeddings ``inputs_embeds`` [B, T, D]) to the cache (donated).
+
+    ``graphdef`` / ``state`` are ``nnx.split`` of the :class:`~kimi_jax.model.decoder.TextModel`.
+    Returns logits [B, V] (float32) at each row's last new token and the updated cache.
+    """
+    return nnx.merge(graphdef, state).extend(
+        input_ids, counts, cache, absorbed=absorbed, key_block=key_block, inputs_embeds=inputs_embeds
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grids"))
+def embed_step(
+    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, is_media: jax.Array, pixel_values: jax.Array,
+    grids: tuple[Grid, ...],
+) -> jax.Array:
+    """Embeddings [B, T, D] of ``input_ids`` [B, T] with the features of the media ``grids``
+    spliced in where ``is_media`` holds; ``graphdef`` / ``state`` are ``nnx.split`` of the
+    :class:`~kimi_jax.model.Kimi` model."""
+    return nnx.merge(graphdef, state).spliced_embeddings(input_ids, is_media, pixel_values, grids)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class Engine:
+    """Generation for one model: its parameters split out of the NNX module, and the steps.
+
+    ``Engine(model)`` holds the model's current parameters (build a new engine after changing
+    them). :meth:`prefill` and :meth:`decode` are the two phases over an explicit
+    :class:`~kimi_jax.model.cache.KVCache`; :meth:`stream` runs a whole batched generation.
+    """
+
+    def __init__(self, model: Kimi, *, key_block: int | None = None):
+        self.config = model.config.text
+        self.vision = model.vision_config
+        self.placeholder_id = model.config.media_placeholder_token_id
+        self.parallel = model.parallel
+        self.graphdef, self.state = nnx.split(model.language_model)
+        self._whole = nnx.split(model) if self.vision is not None else None
+        if key_block is not None and key_block < 1:
+            raise ValueError(f"key_block must be >= 1, got {key_block}")
+        self._key_block = key_block
+
+    def key_block(self, batch: int, num_queries: int, cache_length: int) -> int:
+        """Cache slots attention scores at once: the ``key_block`` given to the engine, else the
+        most (a multiple of 128, at most :data:`MAX_KEY_BLOCK`) whose scores fit :data:`SCORE_BYTES`."""
+        if self._key_block is not None:
+            return min(self._key_block, cache_length)
+        per_slot = batch * num_queries * self.config.num_attention_heads * 4
+        return min(MAX_KEY_BLOCK, max(128, SCORE_BYTES // per_slot // 128 * 128), cache_length)
+
+    def new_cache(self, batch: int, length: int, dtype: jnp.dtype = jnp.bfloat16) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``length`` tokens (split over the
+        batch's mesh axes when the model runs on a mesh)."""
+        cache = KVCache.create(self.config, batch, length, jnp.dtype(dtype))
+        if self.parallel is None:
+            return cache
+        mesh, layout = self.parallel.mesh, self.parallel.layout
+        ways = math.prod(mesh.shape[a] for a in layout.mesh_axes_of("batch"))
+        batch_axis = "batch" if batch % ways == 0 else None  # a batch the mesh cannot split stays whole
+        return jax.tree.map(
+            lambda a: jax.device_put(a, self.parallel.sharding((batch_axis,) + (None,) * (a.ndim - 1))), cache
+        )
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], start: Sequence[int], cache_length: int) -> None:
+        """Raises ``ValueError`` for an empty prompt, an id outside the vocabulary, or a prompt
+        that does not fit after ``start`` cached tokens in the cache or the model's context."""
+        V, context = self.config.vocab_size, self.config.max_position_embeddings
+        for i, (prompt, offset) in enumerate(zip(prompts, start, strict=True)):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            ids = np.asarray(prompt)
+            bad = ids[(ids < 0) | (ids >= V)]
+            if bad.size:
+                raise ValueError(f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {V})")
+            end = offset + len(prompt)
+            where = f"prompt {i} has {len(prompt)} tokens" + (f" after {offset} cached" if offset else "")
+            if end > context:
+                raise ValueError(f"{where}: longer than the model's context (max_position_embeddings = {context})")
+            if end > cache_length:
+                raise ValueError(f"{where}: longer than the cache ({cache_length} tokens)")
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int = 512, attention: str = "auto",
+        pixel_values: np.ndarray | None = None, grid_thws: np.ndarray | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends prompt ``b`` to row ``b`` of the cache; logits [B, V] at each prompt's last token.
+
+        Prompts are fed in chunks of ``min(chunk, next power of two >= longest prompt)``
+        tokens. ``attention`` is ``"auto"`` (fewer flops, see the module doc), ``"absorbed"``
+        or ``"expanded"``. ``pixel_values`` / ``grid_thws`` are the media of all prompts in
+        order (as :class:`~kimi_jax.model.Kimi` takes them): the prompts must hold one
+        ``<|media_pad|>`` per media token.
+        """
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(f"unknown attention form {attention!r}; choose from {ATTENTION_FORMS}")
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+        if len(prompts) != cache.batch:
+            raise ValueError(f"{len(prompts)} prompts for a cache of batch {cache.batch}")
+        prompts = [[int(t) for t in p] for p in prompts]
+        self._check_prompts(prompts, to_host(cache.lengths).tolist(), cache.length)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        T = min(chunk, _next_power_of_two(int(lengths.max())))
+        n_chunks = -(-int(lengths.max()) // T)
+        ids = np.zeros((len(prompts), n_chunks * T), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        embeds = self._media_embeddings(ids, lengths, pixel_values, grid_thws)
+        absorbed = attention == "absorbed" or (attention == "auto" and absorbed_is_cheaper(self.config, T))
+        key_block = self.key_block(cache.batch, T, cache.length)
+        last = None
+        for k in range(n_chunks):
+            counts = np.clip(lengths - k * T, 0, T).astype(np.int32)
+            chunk_ids, chunk_embeds = ids[:, k * T : (k + 1) * T], None
+            if embeds is not None:
+                chunk_ids, chunk_embeds = None, embeds[:, k * T : (k + 1) * T]
+            logits, cache = extend_step(
+                self.graphdef, self.state, chunk_ids, counts, cache, chunk_embeds,
+                absorbed=absorbed, key_block=key_block,
+            )
+            last = logits if last is None else jnp.where(counts[:, None] > 0, logits, last)
+        return last, cache
+
+    def _media_embeddings(
+        self, ids: np.ndarray, lengths: np.ndarray, pixel_values: np.ndarray | None, grid_thws: np.ndarray | None,
+    ) -> jax.Array | None:
+        """The padded prompts' ``ids`` [B, L] as embeddings with their media spliced in (None without media)."""
+        grids = media_grids(self.vision, pixel_values, grid_thws)
+        if not grids:
+            return None
+        is_media = (ids == self.placeholder_id) & (np.arange(ids.shape[1]) < lengths[:, None])
+        check_expanded(int(is_media.sum()), grids, self.vision.merge_kernel_size)
+        graphdef, state = self._whole
+        return embed_step(graphdef, state, ids, is_media, jnp.asarray(pixel_values), grids)
+
+    def decode(self, tokens: jax.Array, cache: KVCache, active: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Appends one token per row, ``tokens`` [B]; logits [B, V] for the next one.
+
+        Rows where ``active`` [B] is False are left unchanged (their logits are meaningless).
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        counts = jnp.ones_like(tokens) if active is None else jnp.asarray(active, jnp.int32)
+        key_block = self.key_block(cache.batch, 1, cache.length)
+        return extend_step(
+            self.graphdef, self.state, tokens[:, None], counts, cache, absorbed=True, key_block=key_block
+        )
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling: Sampling = GREEDY,
+        key: jax.Array | None = None,
+        stop_ids: Iterable[int] = (),
+        prefill_chunk: int = 512,
+        cache_length: int | None = None,
+        cache_dtype: jnp.dtype = jnp.bfloat16,
+        pixel_values: np.ndarray | None = None,
+        grid_thws: np.ndarray | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Generates for a batch of token-id prompts, yielding each step's new tokens [B] (int32).
+
+        A row's entry is -1 once it has finished: after one of ``stop_ids`` (which is
+        yielded), after ``max_new_tokens`` tokens, or when its cache is full. ``key`` (a
+        ``jax.random`` key, default ``key(0)``) is split once per step. ``cache_length``
+        defaults to the longest prompt plus ``max_new_tokens``, rounded up to a multiple of
+        :data:`CACHE_ROUNDING` but within the model's context. ``pixel_values`` /
+        ``grid_thws`` are the prompts' media, as :meth:`prefill` takes them.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        prompts = [[int(t) for t in p] for p in prompts]
+        lengths = np.array([len(p) for p in prompts])
+        context = self.config.max_position_embeddings
+        if cache_length is None:
+            wanted = int(lengths.max()) + max_new_tokens
+            cache_length = min(-(-wanted // CACHE_ROUNDING) * CACHE_ROUNDING, context)
+        self._check_prompts(prompts, [0] * len(prompts), cache_length)
+        # The last token is sampled, never fed: a row can produce (free slots + 1) tokens.
+        budget = np.minimum(max_new_tokens, min(cache_length, context) - lengths + 1)
+        stops = np.array(sorted(set(stop_ids)), np.int32)
+        key = jax.random.key(0) if key is None else key
+
+        cache = self.new_cache(len(prompts), cache_length, cache_dtype)
+        logits, cache = self.prefill(prompts, cache, chunk=prefill_chunk, pixel_values=pixel_values,
+                                     grid_thws=grid_thws)
+        done = np.zeros(len(prompts), bool)
+        produced = np.zeros(len(prompts), np.int64)
+        while True:
+            key, step_key = jax.random.split(key)
+            tokens = to_host(sample(logits, step_key, sampling))
+            yield np.where(done, -1, tokens).astype(np.int32)
+            produced += ~done
+            done |= np.isin(tokens, stops) | (produced >= budget)
+            if done.all():
+                return
+            logits, cache = self.decode(np.where(done, 0, tokens), cache, active=~done)

@@ -1,0 +1,301 @@
+"""``kimi_jax.generate``: prompts or conversations in, tokens, text and parsed messages out.
+
+Prompts are token-id lists, strings (encoded as they are, special-token strings included)
+or conversations (lists of chat messages, rendered with the checkpoint's chat template in
+Instant or Thinking mode, see ``kimi_jax.chat.template``). The batch runs through
+:class:`kimi_jax.inference.engine.Engine`.
+
+Media: a conversation's image and video parts are loaded and preprocessed here
+(``kimi_jax.media.placeholders``, ``kimi_jax.media.preprocess``); token-id and text prompts take
+theirs from ``pixel_values`` / ``grid_thws``. Each medium's run of ``<|media_pad|>`` is
+expanded to its token count before the prompts reach the engine.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.chat.parser import ParsedOutput, parse_output
+from kimi_jax.chat.template import ChatTemplate
+from kimi_jax.chat.tokenizer import Tokenizer
+from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.sampling import RECOMMENDED_SAMPLING, Sampling
+from kimi_jax.media.placeholders import (
+    conversation_media,
+    expand_media_placeholders,
+    insert_video_chunks,
+    placeholder_runs,
+    preprocess_conversation_media,
+)
+from kimi_jax.media.preprocess import PreprocessConfig
+from kimi_jax.model.kimi import Kimi
+
+MODES = tuple(RECOMMENDED_SAMPLING)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one prompt produced.
+
+    ``prompt_ids`` are the ids the model was given (media placeholders expanded to one per
+    media token). ``token_ids`` are the generated ids, ending with the stop id when one ended
+    the output (``finish_reason`` ``"stop"``; otherwise ``"length"``). ``text`` (with a
+    tokenizer) is their decoded text without that stop id. ``parsed`` (conversations only) splits the
+    text into reasoning, answer and tool calls; ``parsed.to_message()`` is the assistant
+    message to append to the conversation.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    text: str | None = None
+    parsed: ParsedOutput | None = None
+
+
+class TextDecoder:
+    """Token ids to text pieces for streaming; bytes of an incomplete UTF-8 character are held back."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text that ``token_id`` completes (possibly empty)."""
+        return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of the stream."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _is_token_ids(prompt: Any) -> bool:
+    if isinstance(prompt, np.ndarray | jax.Array):
+        return prompt.ndim == 1 and jnp.issubdtype(prompt.dtype, jnp.integer)
+    return isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(
+        isinstance(t, int | np.integer) for t in prompt
+    )
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """One encoded prompt: its ids (placeholders not yet expanded), whether it is a
+    conversation, and the media of a conversation (``pixel_values``, ``grid_thws``)."""
+
+    ids: list[int]
+    is_chat: bool
+    media: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _encode_prompt(
+    i: int, prompt: Any, tokenizer: Tokenizer | None, template: ChatTemplate | None, tools: Any, thinking: bool,
+    preprocessor: PreprocessConfig,
+) -> _Prompt:
+    """Token ids of one prompt; a conversation's media are read and preprocessed too."""
+    if isinstance(prompt, Mapping):
+        raise TypeError(f"prompt {i} is a single message; pass conversations as a list of them: [messages]")
+    if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):
+        if tokenizer is None:
+            kind = "text" if isinstance(prompt, str) else "a conversation"
+            raise ValueError(f"prompt {i} is {kind}, which needs a tokenizer (pass tokenizer=...)")
+        if isinstance(prompt, str):
+            return _Prompt(tokenizer.encode(prompt), False)
+        try:
+            media = conversation_media(prompt)
+            text = insert_video_chunks(template.render(prompt, tools=tools, thinking=thinking), media)
+            pixels = preprocess_conversation_media(media, preprocessor) if media else None
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        return _Prompt(tokenizer.encode(text), True, pixels)
+    if _is_token_ids(prompt):
+        return _Prompt([int(t) for t in prompt], False)
+    raise TypeError(
+        f"prompt {i} is a {type(prompt).__name__}; a prompt is a list of token ids, a string "
+        "or a conversation (a list of message dicts)"
+    )
+
+
+def _attach_media(
+    model: Kimi, prompts: list[_Prompt], pixel_values: Any, grid_thws: Any
+) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:
+    """The prompts with each medium's placeholder run expanded, and the media of the batch
+    in prompt order (None without media).
+
+    Conversations bring their own media; the token-id and text prompts share ``pixel_values``
+    / ``grid_thws``, one medium per run of placeholders, in order.
+    """
+    placeholder = model.config.media_placeholder_token_id
+    vision = model.vision_config
+    given = (np.zeros((0, 3, 1, 1), np.float32), np.zeros((0, 3), np.int64))
+    if (pixel_values is None) != (grid_thws is None):
+        raise ValueError("pass pixel_values and grid_thws together")
+    if grid_thws is not None:
+        given = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
+    patches = np.concatenate([[0], np.cumsum(given[1].prod(axis=1))]).astype(int)
+    taken = 0
+    expanded, pixels, grids = [], [], []
+    for i, p in enumerate(prompts):
+        runs = len(placeholder_runs(np.asarray(p.ids), placeholder)) if placeholder is not None else 0
+        if p.media is not None:
+            media = p.media
+        else:
+            end = min(taken + runs, len(given[1]))
+            media = (given[0][patches[taken] : patches[end]], given[1][taken:end])
+            taken = end
+        if runs and vision is None:
+            raise ValueError(f"prompt {i} holds an image or video placeholder, but the model has no vision tower")
+        if runs != len(media[1]):
+            source = "its image and video parts" if p.is_chat else "grid_thws"
+            raise ValueError(
+                f"prompt {i} holds {runs} image or video placeholder(s) (runs of <|media_pad|>, id {placeholder}), "
+                f"but {source} give {len(media[1])} media for it"
+            )
+        if runs:
+            ids = expand_media_placeholders(
+                p.ids, media[1], placeholder_id=placeholder, merge_kernel_size=vision.merge_kernel_size
+            )
+            expanded.append(ids.tolist())
+            pixels.append(media[0])
+            grids.append(media[1])
+        else:
+            expanded.append(p.ids)
+    if taken != len(given[1]):
+        raise ValueError(
+            f"grid_thws has {len(given[1])} media, but the token-id and text prompts hold only {taken} "
+            "image or video placeholders"
+        )
+    if not grids:
+        return expanded, None, None
+    return expanded, np.concatenate(pixels), np.concatenate(grids)
+
+
+def generation_stop_ids(folder: str | Path) -> list[int]:
+    """The ``eos_token_id`` of a checkpoint folder's ``generation_config.json`` (an id or a list), if any."""
+    path = Path(folder) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def generate(
+    model: Kimi,
+    prompts: Sequence[Sequence[int] | str | Sequence[Mapping[str, Any]]],
+    *,
+    tokenizer: Tokenizer | str | Path | None = None,
+    chat_template: ChatTemplate | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    mode: str = "thinking",
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    prefill_chunk: int = 512,
+    cache_dtype: jnp.dtype = jnp.bfloat16,
+    cache_length: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    pixel_values: np.ndarray | None = None,
+    grid_thws: np.ndarray | None = None,
+    preprocessor: PreprocessConfig | None = None,
+) -> list[GenerationResult]:
+    """Generates a continuation for each prompt of a batch; one :class:`GenerationResult` each.
+
+    ``prompts`` mixes token-id lists, strings and conversations (message dicts as in
+    :func:`kimi_jax.chat.template.render`). Strings and conversations need ``tokenizer``: a
+    :class:`~kimi_jax.chat.tokenizer.Tokenizer`, or a checkpoint folder to load it from.
+    Conversations are rendered with ``chat_template`` if given, else the tokenizer's (its
+    folder's template, the built-in K2.5 renderer for a folder without one), the same whether
+    ``tokenizer`` is a folder or a Tokenizer loaded from it; ``tools`` are declared to them.
+
+    ``mode`` (``"thinking"`` or ``"instant"``) selects the conversation prompt and the
+    sampling defaults: ``temperature`` / ``top_p`` left as ``None`` take Moonshot's
+    recommendation for the mode (``kimi_jax.inference.sampling.RECOMMENDED_SAMPLING``); temperature 0 is
+    greedy; ``top_k`` 0 is off. ``seed`` makes sampling reproducible.
+
+    Generation stops per prompt at ``<|im_end|>`` or ``[EOS]`` (with a tokenizer; without
+    one at the config's ``eos_token_id``), at any of ``stop_ids``, or after
+    ``max_new_tokens``. ``on_token(index, token_id)`` is called for every new token as it
+    is produced. ``prefill_chunk``, ``cache_dtype`` and ``cache_length`` are passed to
+    :meth:`kimi_jax.inference.engine.Engine.stream`.
+
+    Media: conversations' image and video parts (see
+    :func:`kimi_jax.media.placeholders.conversation_media`: file paths, PIL images, arrays,
+    ``data:`` URLs, video chunks) are preprocessed with ``preprocessor`` (default: the
+    tokenizer folder's ``preprocessor_config.json``, else K2.5's). Token-id and text prompts
+    take ``pixel_values`` / ``grid_thws`` (as ``preprocess_media`` returns them) for their
+    ``<|media_pad|>`` placeholders, in prompt order, one medium per run of placeholders: a
+    single placeholder per medium as Moonshot's processor writes it, or already one per
+    media token. Unreadable media, or placeholders that do not match the media, raise
+    ``ValueError``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    if isinstance(prompts, str | Mapping) or (_is_token_ids(prompts) and len(prompts)):
+        raise TypeError("prompts must be a list of prompts, e.g. [[1, 2, 3]], ['text'] or [messages]")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    folder_stops: list[int] = []
+    if isinstance(tokenizer, str | Path):
+        folder = Path(tokenizer)
+        folder_stops = generation_stop_ids(folder)
+        if preprocessor is None and (folder / "preprocessor_config.json").is_file():
+            preprocessor = PreprocessConfig.from_file(folder)
+        tokenizer = Tokenizer.from_dir(folder)
+    preprocessor = preprocessor or PreprocessConfig.default()
+    vision = model.vision_config
+    if vision is not None and (preprocessor.patch_size, (preprocessor.merge_kernel_size,) * 2) != (
+        vision.patch_size, vision.merge_kernel_size
+    ):
+        raise ValueError(
+            f"the preprocessor's patch_size {preprocessor.patch_size} / merge_kernel_size "
+            f"{preprocessor.merge_kernel_size} do not match the vision tower's {vision.patch_size} / "
+            f"{vision.merge_kernel_size}"
+        )
+    thinking = mode == "thinking"
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    encoded = [_encode_prompt(i, p, tokenizer, template, tools, thinking, preprocessor) for i, p in enumerate(prompts)]
+    prompt_ids, pixel_values, grid_thws = _attach_media(model, encoded, pixel_values, grid_thws)
+
+    defaults = RECOMMENDED_SAMPLING[mode]
+    sampling = Sampling(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=top_k,
+    )
+    stops = set(stop_ids) | set(folder_stops)
+    if tokenizer is not None:
+        stops.update(tokenizer.stop_ids)
+    elif model.config.eos_token_id is not None:
+        stops.add(model.config.eos_token_id)
+
+    outputs: list[list[int]] = [[] for _ in encoded]
+    steps = Engine(model).stream(
+        prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+        key=jax.random.key(seed), stop_ids=stops, prefill_chunk=prefill_chunk,
+        cache_length=cache_length, cache_dtype=cache_dtype, pixel_values=pixel_values, grid_thws=grid_thws,
+    )
+    for tokens in steps:
+        for i, token in enumerate(tokens.tolist()):
+            if token >= 0:
+                outputs[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+
+    results = []
+    for prompt, ids, out in zip(encoded, prompt_ids, outputs, strict=True):
+        stopped = out[-1] in stops
+        result = GenerationResult(ids, out, "stop" if stopped else "length")
+        if tokenizer is not None:
+            result.text = tokenizer.decode(out[:-1] if stopped else out)
+            if prompt.is_chat:
+                result.parsed = parse_output(result.text, thinking=thinking)
+        results.append(result)
+    return results

@@ -1,0 +1,1 @@
+"""Pallas and library kernels, each with a pure-JAX reference and a CPU interpret-mode test."""

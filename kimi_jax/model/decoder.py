@@ -1,0 +1,180 @@
+"""The Kimi K2 / K2.5 text decoder: embedding, decoder layers (MLA + dense MLP or MoE),
+final norm and lm_head.
+
+Einsum letters: B batch, T positions, D model, V vocabulary.
+
+:meth:`TextModel.extend` is the cached step generation is built on
+(``kimi_jax.inference.engine``). With a :class:`~kimi_jax.parallel.Parallel` the hidden
+states are pinned to the layout between layers and the MoE layers run expert-parallel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config.model import TextConfig
+from kimi_jax.model.cache import KVCache, LayerCache
+from kimi_jax.model.layers import (
+    rms_norm,
+    rope_attention_factor,
+    rope_table,
+    weight,
+    yarn_inv_freq,
+)
+from kimi_jax.model.mla import MLA
+from kimi_jax.model.moe import MLP, MoE
+from kimi_jax.parallel.placement import Parallel, constrain
+
+ACTIVATION_AXES = ("batch", None, None)
+"""Logical axes of the hidden states [B, T, D] between layers."""
+
+
+class DecoderLayer(nnx.Module):
+    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``; the MLP is dense or MoE."""
+
+    def __init__(
+        self, cfg: TextConfig, index: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str, expert_format: str,
+        parallel: Parallel | None,
+    ):
+        self.eps = cfg.rms_norm_eps
+        self.capture = False
+        D = cfg.hidden_size
+        self.input_layernorm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        self.self_attn = MLA(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        if cfg.is_moe_layer(index):
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, impl=moe_impl, expert_format=expert_format, parallel=parallel)
+        else:
+            self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        normed = rms_norm(x, self.input_layernorm[...], self.eps)
+        return self._residual(x, normed, self.self_attn(normed, cos, sin, mask))
+
+    def cached(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
+        absorbed: bool, key_block: int,
+    ) -> tuple[jax.Array, LayerCache]:
+        """The layer over new tokens at ``positions``, attending over (and writing) ``cache``."""
+        normed = rms_norm(x, self.input_layernorm[...], self.eps)
+        attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, absorbed=absorbed, key_block=key_block)
+        return self._residual(x, normed, attn), cache
+
+    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array) -> jax.Array:
+        h = x + attn
+        mlp = self.mlp(rms_norm(h, self.post_attention_layernorm[...], self.eps))
+        if self.capture:
+            self.sow(nnx.Intermediate, "input_norm", normed)
+            self.sow(nnx.Intermediate, "attn_out", attn)
+            self.sow(nnx.Intermediate, "mlp_out", mlp)
+        return h + mlp
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers, final norm and the (untied) lm_head."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        moe_impl: str = "grouped",
+        expert_format: str = "dense",
+        parallel: Parallel | None = None,
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.capture = False
+        self.parallel = parallel
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
+        self.layers = nnx.List(
+            [
+                DecoderLayer(
+                    cfg, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl, expert_format=expert_format, parallel=parallel
+                )
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.norm = weight(rngs, (D,), ("norm",), dtype, init="ones")
+        self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), dtype)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B, T, R/2] for ``positions`` [B, T]; computed once per step."""
+        inv_freq = jnp.asarray(yarn_inv_freq(self.cfg))
+        return rope_table(positions, inv_freq, rope_attention_factor(self.cfg))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+    def _inputs(self, input_ids: jax.Array | None, inputs_embeds: jax.Array | None) -> jax.Array:
+        """The hidden states [B, T, D] to start from: ``inputs_embeds`` or the embedding of ``input_ids``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        return constrain(x, ACTIVATION_AXES, self.parallel)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and lm_head; logits in float32."""
+        h = rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
+        if self.capture:
+            self.sow(nnx.Intermediate, "final_norm", h)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Full-sequence forward: ``input_ids`` [B, T] (or their embeddings ``inputs_embeds``
+        [B, T, D], e.g. with media spliced in) -> logits [B, T, V] (float32).
+
+        ``positions`` default to 0..T-1; ``attention_mask`` [B, T] marks real tokens (keys
+        where it is 0 are never attended to).
+        """
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask = jnp.tril(jnp.ones((T, T), bool))[None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        mask = jnp.broadcast_to(mask, (B, T, T))
+        cos, sin = self.rope(positions)
+        x = self._inputs(input_ids, inputs_embeds)
+        if self.capture:
+            self.sow(nnx.Intermediate, "embed", x)
+        for layer in self.layers:
+            x = constrain(layer(x, cos, sin, mask), ACTIVATION_AXES, self.parallel)
+        return self.logits(x)
+
+    def extend(
+        self, input_ids: jax.Array | None, counts: jax.Array, cache: KVCache, *, absorbed: bool, key_block: int,
+        inputs_embeds: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends tokens to the cache; logits [B, V] (float32) at each row's last new token.
+
+        The tokens come as ``input_ids`` [B, T] or as their embeddings ``inputs_embeds``
+        [B, T, D] (a prefill with media spliced in). Row ``b`` holds ``counts[b]`` new tokens
+        followed by padding; they take positions ``cache.lengths[b] + 0..T-1`` and each attends
+        to the cache slots up to its own position. Padding writes only slots past the row's new
+        length, which later tokens overwrite before any query sees them. A row with count 0
+        keeps its length (its logits are meaningless). ``absorbed`` selects MLA's form, ``key_block``
+        how many cache slots attention scores at once (``MLA.cached``).
+        """
+        T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        cos, sin = self.rope(positions)
+        layers = []
+        x = self._inputs(input_ids, inputs_embeds)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block)
+            x = constrain(x, ACTIVATION_AXES, self.parallel)
+            layers.append(layer_cache)
+        last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+        return self.logits(last)[:, 0], KVCache(tuple(layers), cache.lengths + counts)

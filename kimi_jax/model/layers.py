@@ -1,0 +1,117 @@
+"""Building blocks shared by the model files: weight declaration, RMSNorm, YaRN RoPE.
+
+Every weight is declared once through :func:`weight`, which records its logical axis names
+as the ``axes`` metadata of the ``nnx.Param``. The sharding rules (``kimi_jax.parallel.layout``)
+map those names to mesh axes; the model code never names a mesh axis.
+
+Logical axes: ``vocab``, ``embed`` (D), ``q_lora``, ``kv_lora`` (C), ``kv_a`` (C + R),
+``heads`` (N), ``qk_head`` (nope + rope), ``kv_head`` (nope + v), ``v_head``, ``mlp``
+(dense and shared-expert hidden), ``expert`` (E), ``expert_mlp`` (F), ``router`` (the
+router's expert dimension), ``norm`` for RMSNorm scales, and ``batch`` for activations and
+the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kimi_jax.config.model import TextConfig, yarn_mscale
+
+
+class Buffer(nnx.Variable):
+    """A checkpoint array that is not trained (the router's correction bias)."""
+
+
+def weight(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    axes: Sequence[str],
+    dtype: jnp.dtype,
+    *,
+    init: str = "normal",
+    std: float = 0.02,
+    kind: type[nnx.Variable] = nnx.Param,
+) -> nnx.Variable:
+    """Declares one weight: its shape, logical axes, dtype and initializer."""
+    shape, axes = tuple(shape), tuple(axes)
+    if len(shape) != len(axes):
+        raise ValueError(f"weight of shape {shape} declared with axes {axes}")
+    if init == "normal":
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        raise ValueError(f"unknown initializer {init!r}")
+    return kind(value, axes=axes)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as the reference: statistics in float32, cast back, then times the weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def yarn_inv_freq(cfg: TextConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [rope_dim / 2], float32, computed in the reference's order."""
+    d, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    extra = (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
+    y = cfg.rope_scaling
+    if y is None:
+        return extra
+    inter = (np.float32(1.0) / (np.float32(y.factor) * np.float32(base) ** exponent)).astype(np.float32)
+    low, high = yarn_correction_range(cfg)
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
+    keep = (np.float32(1.0) - ramp).astype(np.float32)
+    return (inter * (np.float32(1.0) - keep) + extra * keep).astype(np.float32)
+
+
+def yarn_correction_range(cfg: TextConfig) -> tuple[float, float]:
+    """YaRN's ramp bounds (low, high) over the rope dimension pairs."""
+    y = cfg.rope_scaling
+    assert y is not None
+    d, base = cfg.qk_rope_head_dim, cfg.rope_theta
+
+    def dim_for(rotations: float) -> float:
+        return d * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_for(y.beta_fast)), 0)
+    high = min(math.ceil(dim_for(y.beta_slow)), d - 1)
+    if low == high:
+        high += 0.001
+    return low, high
+
+
+def rope_attention_factor(cfg: TextConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (1 for Kimi K2.5)."""
+    y = cfg.rope_scaling
+    if y is None:
+        return 1.0
+    return yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
+
+
+def rope_table(positions: jax.Array, inv_freq: jax.Array, factor: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., rope_dim / 2] in float32 for integer ``positions`` [...]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates adjacent pairs (2i, 2i+1) of the last axis by angle i (the checkpoint's layout).
+
+    ``cos`` / ``sin`` broadcast against ``x`` without its last axis, e.g. [B, T, 1, R/2]
+    for per-head queries [B, T, N, R].
+    """
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)

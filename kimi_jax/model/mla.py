@@ -1,0 +1,197 @@
+"""Multi-head Latent Attention (MLA).
+
+Einsum letters: B batch, T query positions, S key positions, D model, N heads,
+Q q-LoRA rank, C kv latent (kv_lora_rank), R rope dim, H nope head dim, V value head dim,
+K a whole per-head query (H + R) or key-and-value (H + V) row of a projection.
+
+Two mathematically equal forms share the weights:
+- ``expanded``: the latent is expanded to per-head keys and values (``kv_b_proj``), then
+  ordinary attention. Cheapest when many queries attend over keys computed in the same call.
+- ``absorbed``: ``kv_b_proj``'s key half is folded into the query and its value half applied
+  after attending over the latent, so keys and values are never expanded. Used with the
+  compressed cache, where each step has few queries and many cached keys.
+
+:meth:`MLA.cached` writes a step's latents into the compressed cache (``kimi_jax.model.cache``)
+and attends over the cache in either form, in key blocks for long caches;
+:func:`absorbed_is_cheaper` picks the form.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config.model import QK_NORM_EPS, TextConfig
+from kimi_jax.model.cache import LayerCache
+from kimi_jax.model.layers import apply_rope, rms_norm, weight
+
+
+class MLA(nnx.Module):
+    """MLA with weights in the checkpoint's split: q down/up, kv down (latent + rope key), kv up, out."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, C, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = weight(rngs, (D, N, cfg.qk_head_dim), ("embed", "heads", "qk_head"), dtype)
+        else:
+            Q = cfg.q_lora_rank
+            self.q_a_proj = weight(rngs, (D, Q), ("embed", "q_lora"), dtype)
+            self.q_a_layernorm = weight(rngs, (Q,), ("norm",), dtype, init="ones")
+            self.q_b_proj = weight(rngs, (Q, N, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), dtype)
+        self.kv_a_proj_with_mqa = weight(rngs, (D, C + R), ("embed", "kv_a"), dtype)
+        self.kv_a_layernorm = weight(rngs, (C,), ("norm",), dtype, init="ones")
+        self.kv_b_proj = weight(
+            rngs, (C, N, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "kv_head"), dtype
+        )
+        self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head", "embed"), dtype)
+
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-head queries: nope part [B, T, N, H] and roped part [B, T, N, R]."""
+        if self.cfg.q_lora_rank is None:
+            q = jnp.einsum("btd,dnk->btnk", x, self.q_proj[...])
+        else:
+            qa = jnp.einsum("btd,dq->btq", x, self.q_a_proj[...])
+            qa = rms_norm(qa, self.q_a_layernorm[...], QK_NORM_EPS)
+            q = jnp.einsum("btq,qnk->btnk", qa, self.q_b_proj[...])
+        H = self.cfg.qk_nope_head_dim
+        return q[..., :H], apply_rope(q[..., H:], cos[:, :, None], sin[:, :, None])
+
+    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What the compressed cache holds: normalized latent [B, S, C] and roped key [B, S, R]."""
+        kv = jnp.einsum("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...])
+        C = self.cfg.kv_lora_rank
+        c_kv = rms_norm(kv[..., :C], self.kv_a_layernorm[...], QK_NORM_EPS)
+        return c_kv, apply_rope(kv[..., C:], cos, sin)
+
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+        """Attention with per-head keys/values expanded from the latent. Returns [B, T, D]."""
+        return self._attend(q_nope, q_pe, c_kv, k_pe, mask, absorbed=False)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+        """Attention over the latent itself (keys/values never expanded). Returns [B, T, D]."""
+        return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True)
+
+    def attend_cache(
+        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, positions: jax.Array, *,
+        absorbed: bool, block: int,
+    ) -> jax.Array:
+        """Attention of queries at ``positions`` [B, T] over the cache slots up to their positions.
+
+        The slots are visited in blocks of ``block`` with an online softmax, so the scores
+        take [B, N, T, block] rather than [B, N, T, S], and blocks past the furthest query
+        position are not visited at all. Returns [B, T, D].
+        """
+        q = self._absorb(q_nope) if absorbed else q_nope
+        (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[1], q_pe.dtype
+        width = self.cfg.kv_lora_rank if absorbed else self.cfg.v_head_dim
+        lowest = jnp.finfo(jnp.float32).min
+
+        def visit(i, carry):
+            m, total, acc = carry
+            start = jnp.minimum(i * block, S - block)  # the last block is shifted back to fit
+            c_kv = jax.lax.dynamic_slice_in_dim(cache.c_kv, start, block, axis=1).astype(dtype)
+            k_pe = jax.lax.dynamic_slice_in_dim(cache.k_pe, start, block, axis=1).astype(dtype)
+            scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+            slots = start + jnp.arange(block)
+            # slots a shifted block shares with the previous one were counted already
+            visible = ((slots >= i * block) & (slots <= positions[..., None]))[:, None]
+            scores = jnp.where(visible, scores * self.cfg.softmax_scale, lowest)
+            m_new = jnp.maximum(m, scores.max(-1))
+            probs = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+            rescale = jnp.exp(m - m_new)
+            total = total * rescale + probs.sum(-1)
+            acc = acc * rescale.transpose(0, 2, 1)[..., None] + self._weigh(probs, values, absorbed)
+            return m_new, total, acc
+
+        init = (jnp.full((B, N, T), lowest), jnp.zeros((B, N, T)), jnp.zeros((B, T, N, width)))
+        n_blocks = jnp.minimum(jnp.max(positions) // block + 1, -(-S // block))
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, visit, init)
+        return self._project((acc / total.transpose(0, 2, 1)[..., None]).astype(dtype), absorbed)
+
+    def _absorb(self, q_nope: jax.Array) -> jax.Array:
+        """``q_nope`` [B, T, N, H] folded through ``kv_b_proj``'s key half: [B, T, N, C]."""
+        return jnp.einsum("btnh,cnh->btnc", q_nope, self.kv_b_proj[..., : self.cfg.qk_nope_head_dim])
+
+    def _attend(self, q, q_pe, c_kv, k_pe, mask, *, absorbed: bool) -> jax.Array:
+        scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+        probs = self._softmax(scores, mask)
+        return self._project(self._weigh(probs, values, absorbed).astype(c_kv.dtype), absorbed)
+
+    def _scores_and_values(self, q, q_pe, c_kv, k_pe, absorbed: bool) -> tuple[jax.Array, jax.Array]:
+        """Unscaled scores [B, N, T, S] (float32) and the values.
+
+        Absorbed (``q`` from :meth:`_absorb`): the values are the latents ``c_kv`` [B, S, C].
+        Expanded (``q`` is ``q_nope``): keys and values [B, S, N, V] are expanded from them.
+        """
+        if absorbed:
+            scores = jnp.einsum("btnc,bsc->bnts", q, c_kv, preferred_element_type=jnp.float32)
+            values = c_kv
+        else:
+            H = self.cfg.qk_nope_head_dim
+            kv = jnp.einsum("bsc,cnk->bsnk", c_kv, self.kv_b_proj[...])
+            scores = jnp.einsum("btnh,bsnh->bnts", q, kv[..., :H], preferred_element_type=jnp.float32)
+            values = kv[..., H:]
+        scores += jnp.einsum("btnr,bsr->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
+        return scores, values
+
+    def _weigh(self, probs: jax.Array, values: jax.Array, absorbed: bool) -> jax.Array:
+        """``probs`` [B, N, T, S] times the values: [B, T, N, C] (absorbed) or [B, T, N, V], float32."""
+        probs = probs.astype(values.dtype)
+        if absorbed:
+            # "bnts,bsc->btnc" in one dot has no bf16 x bf16 -> f32 kernel on XLA:CPU; transpose after.
+            out = jnp.einsum("bnts,bsc->bntc", probs, values, preferred_element_type=jnp.float32)
+            return out.transpose(0, 2, 1, 3)
+        return jnp.einsum("bnts,bsnv->btnv", probs, values, preferred_element_type=jnp.float32)
+
+    def _project(self, out: jax.Array, absorbed: bool) -> jax.Array:
+        """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then ``o_proj``."""
+        if absorbed:
+            out = jnp.einsum("btnc,cnv->btnv", out, self.kv_b_proj[..., self.cfg.qk_nope_head_dim :])
+        return jnp.einsum("btnv,nvd->btd", out, self.o_proj[...])
+
+    def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
+        """Scaled, masked softmax in float32; ``mask`` [B, T, S] is True where a key is visible.
+
+        Masked scores get the lowest finite float, so a query that sees no key (padding)
+        yields finite values instead of NaN.
+        """
+        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(scores, axis=-1)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Self-attention over the sequence ``x`` [B, T, D] (no cache)."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def cached(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
+        absorbed: bool, key_block: int,
+    ) -> tuple[jax.Array, LayerCache]:
+        """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over the cache.
+
+        The tokens' latents are written into ``cache`` first; then each query attends to the
+        slots up to its position, all at once when the cache has at most ``key_block`` slots,
+        else block by block (:meth:`attend_cache`). Returns [B, T, D] and the updated cache.
+        """
+        q_nope, q_pe = self.queries(x, cos, sin)
+        cache = cache.write(positions, *self.latents(x, cos, sin))
+        S = cache.c_kv.shape[1]
+        if key_block < S:
+            return self.attend_cache(q_nope, q_pe, cache, positions, absorbed=absorbed, block=key_block), cache
+        mask = jnp.arange(S) <= positions[..., None]
+        attend = self.attend_absorbed if absorbed else self.attend_expanded
+        return attend(q_nope, q_pe, cache.c_kv.astype(x.dtype), cache.k_pe.astype(x.dtype), mask), cache
+
+
+def absorbed_is_cheaper(cfg: TextConfig, num_queries: int) -> bool:
+    """Whether attending ``num_queries`` tokens over a long cache costs fewer flops absorbed.
+
+    Per key and head, absorbed costs ``num_queries * (2C + R)`` (scores and values over the
+    latent); expanded costs ``C * (H + V)`` to expand the key once plus ``num_queries *
+    (H + R + V)``. For K2.5 absorbed wins below about 170 queries (decode, short chunks).
+    """
+    C, R, H, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    return num_queries * (2 * C + R) < C * (H + V) + num_queries * (H + R + V)

@@ -1,0 +1,277 @@
+"""Feed-forward blocks: the dense SwiGLU MLP, the router and the routed experts.
+
+Einsum letters: T tokens, D model, F hidden, E experts, K chosen experts per token.
+
+The routed experts have two implementations sharing one router:
+- ``reference``: every token gathers the weights of its K chosen experts. Obviously right,
+  memory-hungry; the yardstick the other path is tested against.
+- ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
+  contiguous groups (:func:`grouped_matmul`), unsorted and combined. The production path.
+
+The experts' storage format (``EXPERT_FORMATS``):
+- ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
+- ``int4``: :class:`Int4Experts`, the official checkpoint's symmetric INT4 kept on the
+  device: per projection ``q`` int4 ``[E, out, in]`` and bfloat16 ``scales``
+  ``[E, out, in / 32]`` (W = q * scale), 4.5 bits per weight. Weights are dequantized to
+  the activations' dtype only where they are used: the reference path dequantizes each
+  token's gathered experts; the grouped path dequantizes one projection of the experts
+  taking part (all E when the token copies outnumber the experts, otherwise only the ones
+  chosen) just before its grouped matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, traverse_util
+
+from kimi_jax.config.model import TextConfig
+from kimi_jax.model.layers import Buffer, weight
+from kimi_jax.parallel.expert import expert_parallel_moe
+from kimi_jax.parallel.placement import Parallel
+from kimi_jax.quant.formats import dequantize, int4_ragged_dot
+
+MOE_IMPLS = ("grouped", "reference")
+EXPERT_FORMATS = ("dense", "int4")
+INT4_GROUP_SIZE = 32
+"""Input columns per scale in the ``int4`` format (Kimi K2.5 / K2-Thinking use 32)."""
+
+
+class MLP(nnx.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))``: the dense layers' MLP and the shared experts."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.gate_proj = weight(rngs, (d_model, d_hidden), ("embed", "mlp"), dtype)
+        self.up_proj = weight(rngs, (d_model, d_hidden), ("embed", "mlp"), dtype)
+        self.down_proj = weight(rngs, (d_hidden, d_model), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        return h @ self.down_proj[...]
+
+
+class Router(nnx.Module):
+    """Sigmoid router with a selection-only correction bias and group-limited top-k."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = weight(rngs, (cfg.hidden_size, E), ("embed", "router"), dtype)
+        self.e_score_correction_bias = weight(rngs, (E,), ("router",), jnp.float32, init="zeros", kind=Buffer)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Routes tokens ``x`` [T, D].
+
+        Returns the combine weights [T, K] (float32), the chosen experts [T, K] (int32) and
+        the sigmoid scores [T, E] (float32).
+        """
+        logits = jnp.einsum(
+            "td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        scores = jax.nn.sigmoid(logits)
+        weights, idx = select_experts(scores, self.e_score_correction_bias[...], self.cfg)
+        return weights, idx, scores
+
+
+def select_experts(scores: jax.Array, bias: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
+    """Group-limited top-k on ``scores + bias``; weights from the unbiased scores [T, E]."""
+    choice = scores + bias
+    G = cfg.n_group
+    if G > 1:
+        T, E = choice.shape
+        grouped = choice.reshape(T, G, E // G)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        kept = jax.lax.top_k(group_score, cfg.topk_group)[1]
+        group_mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], kept].set(True)
+        choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, -jnp.inf)
+    idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+    """The routed experts' SwiGLU weights, stacked over experts: ``[E, in, out]``."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
+        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype)
+        self.down_proj = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), dtype)
+
+
+class Int4Weight(nnx.Module):
+    """One projection of every expert in INT4: ``q`` int4 ``[E, out, in]``, ``scales`` bf16
+    ``[E, out, in / 32]``; W = q * scale (the checkpoint's orientation, PyTorch ``[out, in]``).
+
+    Random init: q uniform on [-8, 7] and one scale, so W has standard deviation ``std``.
+    """
+
+    def __init__(self, n_experts: int, d_out: int, d_in: int, axes: tuple[str, str, str], *,
+                 rngs: nnx.Rngs, std: float = 0.02):
+        if d_in % INT4_GROUP_SIZE:
+            raise ValueError(f"int4 experts: in-features {d_in} is not a multiple of {INT4_GROUP_SIZE}")
+        shape = (n_experts, d_out, d_in)
+        q = jax.random.randint(rngs.params(), shape, -8, 8, jnp.int8).astype(jnp.int4)
+        q_std = math.sqrt((16**2 - 1) / 12)  # of the uniform distribution on [-8, 7]
+        self.q = nnx.Param(q, axes=axes)
+        self.scales = nnx.Param(
+            jnp.full((n_experts, d_out, d_in // INT4_GROUP_SIZE), std / q_std, jnp.bfloat16), axes=axes
+        )
+
+    def gathered(self, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """The weights of experts ``idx`` [...] dequantized to ``dtype``: [..., in, out]."""
+        w = dequantize(self.q[...][idx], self.scales[...][idx], INT4_GROUP_SIZE, dtype)
+        return jnp.swapaxes(w, -1, -2)
+
+
+class Int4Experts(nnx.Module):
+    """The routed experts' SwiGLU weights in INT4 (see :class:`Int4Weight`)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_proj = Int4Weight(E, F, D, ("expert", "expert_mlp", "embed"), rngs=rngs)
+        self.up_proj = Int4Weight(E, F, D, ("expert", "expert_mlp", "embed"), rngs=rngs)
+        self.down_proj = Int4Weight(E, D, F, ("expert", "embed", "expert_mlp"), rngs=rngs)
+
+
+def _gathered(proj: nnx.Param | Int4Weight, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """One projection's weights for experts ``idx`` [...] -> [..., in, out]."""
+    return proj.gathered(idx, dtype) if isinstance(proj, Int4Weight) else proj[...][idx]
+
+
+def experts_reference(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Each token through its chosen experts, gathering their weights: [T, D] -> [T, K, D]."""
+    gate = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.gate_proj, idx, x.dtype))
+    up = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.up_proj, idx, x.dtype))
+    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, _gathered(experts.down_proj, idx, x.dtype))
+
+
+def grouped_matmul(
+    x: jax.Array, proj: nnx.Param | Int4Weight | jax.Array | dict, group_sizes: jax.Array,
+    experts: jax.Array | None = None,
+) -> jax.Array:
+    """Rows of ``x`` [M, I] grouped contiguously by expert, times that expert's weight -> [M, O].
+
+    ``proj`` is a projection of :class:`Experts` / :class:`Int4Experts` or its raw value (an
+    array ``[E, I, O]``, or ``{"q", "scales"}`` of the INT4 format). ``group_sizes`` counts
+    the rows of each expert in ``experts`` (ids into the stack; all experts in order when None).
+    """
+    if isinstance(proj, Int4Weight):
+        proj = {"q": proj.q[...], "scales": proj.scales[...]}
+    elif isinstance(proj, nnx.Variable):
+        proj = proj[...]
+    if isinstance(proj, dict):
+        q, scales = proj["q"], proj["scales"]
+        if experts is not None:
+            q, scales = q[experts], scales[experts]
+        # Tie the dequantization to this layer's activations: otherwise XLA may dequantize
+        # every layer's experts up front (they depend on parameters only) and hold them all.
+        x, q, scales = jax.lax.optimization_barrier((x, q, scales))
+        return int4_ragged_dot(x, q, scales, group_sizes, INT4_GROUP_SIZE)
+    w = proj if experts is None else proj[experts]
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _experts_in_use(sizes: jax.Array, rows: int, quantized: bool) -> tuple[jax.Array, jax.Array | None]:
+    """For INT4 experts with fewer rows than experts (decoding): the experts that have rows
+    (ascending, like the sorted rows; padded with empty groups) and their group sizes, so
+    only those are dequantized. Otherwise ``(sizes, None)``: every expert, in order."""
+    if not quantized or rows >= sizes.shape[0]:
+        return sizes, None
+    used = jnp.nonzero(sizes, size=rows, fill_value=0)[0]
+    return jnp.where(jnp.arange(rows) < jnp.count_nonzero(sizes), sizes[used], 0), used
+
+
+def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Token copies sorted by expert, grouped matmuls, unsorted: [T, D] -> [T, K, D].
+
+    INT4 experts with fewer token copies than experts (decoding) first gather the experts
+    in use (at most T * K, padded with empty groups), so only those are dequantized.
+    """
+    T, K = idx.shape
+    E = experts.n_experts
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // K]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    sizes, used = _experts_in_use(sizes, T * K, isinstance(experts, Int4Experts))
+    h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj, sizes, used))
+    h = h * grouped_matmul(rows, experts.up_proj, sizes, used)
+    out = grouped_matmul(h, experts.down_proj, sizes, used)
+    return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
+
+
+class MoE(nnx.Module):
+    """Routed experts plus the shared experts every token passes through."""
+
+    def __init__(
+        self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, impl: str = "grouped", expert_format: str = "dense",
+        parallel: Parallel | None = None,
+    ):
+        if expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"unknown expert format {expert_format!r}; choose from {EXPERT_FORMATS}")
+        self.set_impl(impl)
+        self.capture = False
+        self.parallel = parallel
+        self.gate = Router(cfg, dtype=dtype, rngs=rngs)
+        self.experts = (
+            Int4Experts(cfg, rngs=rngs) if expert_format == "int4" else Experts(cfg, dtype=dtype, rngs=rngs)
+        )
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def set_impl(self, impl: str) -> None:
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose from {MOE_IMPLS}")
+        self.impl = impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(tokens)
+        if self.capture:
+            self.sow(nnx.Intermediate, "router_scores", scores)
+            self.sow(nnx.Intermediate, "router_idx", idx)
+            self.sow(nnx.Intermediate, "router_weights", weights)
+        if self.parallel is not None and self.impl == "grouped":
+            routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout)
+        else:
+            run = experts_grouped if self.impl == "grouped" else experts_reference
+            per_expert = run(self.experts, tokens, idx)
+            routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(tokens)
+        return routed.reshape(shape)
+
+    def _expert_parallel(self, tokens, idx, weights, mesh, layout) -> jax.Array:
+        """The grouped path inside ``shard_map``, experts split by the layout."""
+        state = nnx.state(self.experts)
+        values = state.to_pure_dict()
+        specs = traverse_util.unflatten_dict(
+            {path: layout.spec(var.get_metadata()["axes"], var.shape) for path, var in nnx.to_flat_state(state)}
+        )
+
+        def local(w, rows, ids):
+            e_local = jax.tree.leaves(w["gate_proj"])[0].shape[0]
+            sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
+            sizes, used = _experts_in_use(sizes, rows.shape[0], isinstance(w["gate_proj"], dict))
+            h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
+            h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
+            return grouped_matmul(h, w["down_proj"], sizes, used)
+
+        return expert_parallel_moe(
+            tokens, idx, weights, values, specs, local, mesh=mesh, n_experts=self.experts.n_experts,
+            expert_axes=layout.mesh_axes_of("expert"), token_axes=layout.mesh_axes_of("batch"),
+            hidden_axes=layout.mesh_axes_of("expert_mlp"),
+        )
+

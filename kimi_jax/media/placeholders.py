@@ -29,16 +29,9 @@ from kimi_jax.media.preprocess import (
     preprocess_media,
     split_video_chunks,
 )
+from kimi_jax.media.tokens import num_media_tokens
 
 # ------------------------------------------------------------------------- placeholders
-
-
-def media_token_counts(grid_thws: Any, merge_kernel_size: int | Sequence[int] = 2) -> list[int]:
-    """Decoder tokens of each medium of ``grid_thws`` [M, 3]: ``(H / kh) * (W / kw)`` (a video
-    chunk is pooled over its frames)."""
-    kh, kw = (merge_kernel_size, merge_kernel_size) if isinstance(merge_kernel_size, int) else merge_kernel_size
-    g = np.asarray(grid_thws, dtype=np.int64).reshape(-1, 3)
-    return [int(h // kh) * int(w // kw) for _, h, w in g.tolist()]
 
 
 def placeholder_runs(ids: np.ndarray, placeholder_id: int) -> list[tuple[int, int]]:
@@ -60,12 +53,12 @@ def expand_media_placeholders(
     ``input_ids`` is one sequence (1-D) or several (a list of sequences or a [B, T] array);
     ``grid_thws`` [M, 3] are the media of all of them in order, one per run of placeholders.
     A run of one placeholder (as Moonshot's processor writes it) becomes
-    ``num_tokens(grid)`` placeholders; a run that already has that length is kept, so
+    ``num_media_tokens(grid)`` placeholders; a run that already has that length is kept, so
     expanded ids pass through unchanged. Returns an int32 array for one sequence, else a
     list of them (rows grow by different amounts). Raises ``ValueError`` when the runs and
     the media do not match.
     """
-    counts = media_token_counts(grid_thws, merge_kernel_size)
+    counts = num_media_tokens(np.asarray(grid_thws, np.int64).reshape(-1, 3), merge_kernel_size).tolist()
     if hasattr(input_ids, "ndim"):
         single = input_ids.ndim == 1
     else:
@@ -96,7 +89,7 @@ def expand_media_placeholders(
 def check_expanded(placeholders: int, grid_thws: Any, merge_kernel_size: int | Sequence[int] = 2) -> None:
     """Raises ``ValueError`` unless ``placeholders`` (the ``<|media_pad|>`` tokens of a batch)
     is the total token count of the media of ``grid_thws``."""
-    counts = media_token_counts(grid_thws, merge_kernel_size)
+    counts = num_media_tokens(np.asarray(grid_thws, np.int64).reshape(-1, 3), merge_kernel_size).tolist()
     if placeholders != sum(counts):
         raise ValueError(
             f"input_ids hold {placeholders} media placeholders, but the {len(counts)} media of grid_thws "

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kimi_jax.config.model import builtin_config_dir
+from kimi_jax.media.tokens import num_media_tokens
 
 __all__ = [
     "PreprocessConfig",
@@ -642,19 +643,3 @@ def preprocess_media(items: Iterable[Any], cfg: PreprocessConfig | None = None
     if not pvs:
         return np.zeros((0, 3, p, p), np.float32), np.zeros((0, 3), np.int64)
     return np.concatenate(pvs, axis=0), np.stack(grids, axis=0)
-
-
-def num_media_tokens(grid_thw: Any, merge: int = 2) -> Any:
-    """LLM tokens of a medium: ``(H/merge) * (W/merge)``; a video chunk is pooled over time,
-    so T does not count. ``grid_thw`` is one ``(T, H, W)`` (returns int) or ``[M, 3]``
-    (returns an int64 array)."""
-    g = np.asarray(grid_thw)
-    if g.shape[-1:] != (3,) or g.ndim not in (1, 2):
-        raise ValueError(f"grid_thw must have shape (3,) or (M, 3), got {g.shape}")
-    if not np.issubdtype(g.dtype, np.integer):
-        raise ValueError(f"grid_thw must be integers, got dtype {g.dtype}")
-    h, w = g[..., 1], g[..., 2]
-    if np.any(g <= 0) or np.any(h % merge) or np.any(w % merge):
-        raise ValueError(f"grid_thw {g.tolist()} must be positive with H, W divisible by {merge}")
-    n = (h // merge) * (w // merge)
-    return int(n) if g.ndim == 1 else n.astype(np.int64)

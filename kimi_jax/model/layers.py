@@ -28,6 +28,11 @@ class Buffer(nnx.Variable):
     """A checkpoint array that is not trained (the router's correction bias)."""
 
 
+class Quantized(nnx.Variable):
+    """Quantized weights (INT4 values and their scales): stored and used, never trained, so
+    optimizers and gradients that select ``nnx.Param`` leave them alone."""
+
+
 def weight(
     rngs: nnx.Rngs,
     shape: Sequence[int],

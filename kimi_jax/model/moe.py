@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from kimi_jax.config.model import TextConfig
-from kimi_jax.model.layers import Buffer, weight
+from kimi_jax.model.layers import Buffer, Quantized, weight
 from kimi_jax.parallel.expert import expert_parallel_moe
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
@@ -119,9 +119,11 @@ class Int4Weight(nnx.Module):
         shape = (n_experts, d_out, d_in)
         q = jax.random.randint(rngs.params(), shape, -8, 8, jnp.int8).astype(jnp.int4)
         q_std = math.sqrt((16**2 - 1) / 12)  # of the uniform distribution on [-8, 7]
-        self.q = nnx.Param(q, axes=axes)
-        self.scales = nnx.Param(
-            jnp.full((n_experts, d_out, d_in // INT4_GROUP_SIZE), std / q_std, jnp.bfloat16), axes=axes
+        self.q = Quantized(q, axes=axes)
+        # One scale per group of 32 inputs: the input axis becomes "<name>_groups".
+        self.scales = Quantized(
+            jnp.full((n_experts, d_out, d_in // INT4_GROUP_SIZE), std / q_std, jnp.bfloat16),
+            axes=(*axes[:2], f"{axes[2]}_groups"),
         )
 
     def gathered(self, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -28,8 +28,11 @@ DEFAULT_RULES = {
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "expert_mlp": ("tensor",),
+    "expert_mlp_groups": ("tensor",),
     "vocab": ("tensor",),
 }
+"""Logical axis -> mesh axes. ``X_groups`` is the axis of the INT4 scales (one per 32 values of
+``X``): it must be split exactly like ``X``."""
 _INLINE = re.compile(r"^\s*\w+\s*=\s*\d+\s*(,\s*\w+\s*=\s*\d+\s*)*$")
 
 
@@ -56,6 +59,14 @@ class Layout:
                     raise LayoutError(f"layout {self.name}: rule {logical!r} -> {m!r} names no mesh axis of {names}")
             if len(set(mesh_axes)) != len(mesh_axes):
                 raise LayoutError(f"layout {self.name}: rule {logical!r} repeats a mesh axis: {list(mesh_axes)}")
+        rules = dict(self.rules)
+        for logical in rules:
+            base = logical.removesuffix("_groups")
+            if base != logical and rules.get(base, ()) != rules[logical]:
+                raise LayoutError(
+                    f"layout {self.name}: {logical!r} (INT4 scale groups) -> {list(rules[logical])} must be split "
+                    f"like {base!r} -> {list(rules.get(base, ()))}; set both"
+                )
 
     @property
     def shape(self) -> dict[str, int]:

@@ -54,3 +54,20 @@ def test_bfloat16_paths_agree():
 def test_unknown_impl():
     with pytest.raises(ValueError, match="unknown MoE implementation"):
         MoE(moe_config(), dtype=jnp.float32, rngs=nnx.Rngs(0), impl="fast")
+
+
+def test_int4_experts_are_not_trainable_params():
+    """INT4 values and scales are ``Quantized`` variables: optimizers selecting nnx.Param skip them."""
+    from kimi_jax.model.layers import Quantized
+
+    cfg = KimiConfig.from_dict(k25_config(None, multimodal=False)).text
+    moe = nnx.eval_shape(lambda: MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), expert_format="int4"))
+    params = {path for path, _ in nnx.to_flat_state(nnx.state(moe, nnx.Param))}
+    quantized = dict(nnx.to_flat_state(nnx.state(moe, Quantized)))
+    assert not any("experts" in path for path in params)
+    assert set(quantized) == {("experts", p, part) for p in ("gate_proj", "up_proj", "down_proj")
+                              for part in ("q", "scales")}
+    assert quantized[("experts", "down_proj", "scales")].get_metadata()["axes"] == (
+        "expert", "embed", "expert_mlp_groups")
+    assert quantized[("experts", "gate_proj", "scales")].get_metadata()["axes"] == (
+        "expert", "expert_mlp", "embed_groups")

@@ -68,3 +68,24 @@ def test_model_shardings_and_divisibility():
 def test_mesh_needs_matching_device_count():
     with pytest.raises(LayoutError, match="needs 16 devices"):
         load_layout("data=2,expert=8,tensor=1").make_mesh()
+
+
+def test_scale_groups_split_like_their_values(tmp_path):
+    """INT4 scales ("X_groups") must be split like the values' axis X, or shards would not match."""
+    f = tmp_path / "mismatch.toml"
+    f.write_text('[mesh]\nexpert = 4\ntensor = 2\n[rules]\nexpert_mlp = "expert"\n')
+    with pytest.raises(LayoutError, match="'expert_mlp_groups' .* must be split like 'expert_mlp'"):
+        load_layout(f)
+    f.write_text('[mesh]\nexpert = 8\n[rules]\nexpert = []\nexpert_mlp = "expert"\nexpert_mlp_groups = "expert"\n')
+    assert load_layout(f).mesh_axes_of("expert_mlp_groups") == ("expert",)
+
+
+def test_layouts_extend_the_default_rules():
+    """Packaged layouts state only what differs from DEFAULT_RULES."""
+    from kimi_jax.parallel import DEFAULT_RULES
+
+    for name in packaged_layouts():
+        layout = load_layout(name)
+        assert set(dict(layout.rules)) >= set(DEFAULT_RULES)
+    assert load_layout("gpu-8").mesh_axes_of("heads") == ("expert",)
+    assert load_layout("cpu-8").mesh_axes_of("heads") == ("tensor",)

@@ -1,0 +1,389 @@
+"""Fused INT4 grouped matmul (``jax.lax.ragged_dot`` semantics) in Pallas, Triton lowering.
+
+    y[r] = x[r] @ W[e(r)].T,  W[e] = q[e] * scale[e] (one scale per 32 inputs)
+
+for rows ``r`` of x grouped contiguously by expert (``group_sizes[e]`` rows each). The int4
+values and their scales are read once from HBM and dequantized in registers: no bf16 copy
+of W is ever written. Row tiles are scheduled per expert from ``group_sizes`` (a tile never
+spans two experts), so an expert with no rows costs nothing and its weights are never read:
+one launch per projection serves decode (a few rows over a few experts) and prefill alike.
+
+Contract (the project's device format, see ``dequantize`` / ``int4_ragged_dot`` in the
+quantization package):
+
+* ``x`` ``[M, in]`` (bf16 or float32), rows grouped contiguously by expert;
+* ``q`` ``[E, out, in]`` ``jnp.int4``, or the same values in the kernel's packed layout
+  ``[E, out, in/8]`` ``uint32`` (``to_kernel_layout``; see "Layouts");
+* ``scales`` ``[E, out, in/32]`` (bf16 in checkpoints);
+* ``group_sizes`` ``[E]`` int32 with ``sum <= M``.
+
+Returns ``[M, out]`` in x's dtype with float32 accumulation. Rows past ``sum(group_sizes)``
+are zeros (as ``jax.lax.ragged_dot``). W is rounded to x's dtype once (q * scale, as the
+reference), so the result equals ``reference`` up to the order of float32 accumulation.
+
+Design. The grid is (out tiles, row tiles). Row tiles come from a schedule computed in
+plain JAX from ``group_sizes`` (``tile_schedule``): for each tile its expert, first row and
+end row, passed to the kernel as an int32 array (the Triton lowering has no scalar
+prefetch). The number of row tiles is bounded statically by ``M // block_m + min(E, M) + 1``;
+tiles past the real count exit at once, and the tiles that cover rows past
+``sum(group_sizes)`` write zeros. Each program loops over ``in`` in blocks of ``block_k``:
+it loads the row tile of x, the packed int4 block ``[block_n, block_k]`` and its scales
+``[block_n, block_k / 32]``, dequantizes in registers and accumulates ``W @ x.T`` into a
+float32 ``[block_n, block_m]`` tile (the weight is the left operand: with few rows the
+expert's output dimension fills the matrix unit's M side). The out-tile axis is the fastest
+one of the grid, so the programs that share a row tile of x run together and reuse it from
+L2, and for prefill the few row tiles of one expert read its weights close in time.
+
+Layouts. ``q`` as ``jnp.int4`` (the device format, no conversion): the kernel loads it as
+bytes and splits the nibbles (Pallas' own int4 load), then converts int4 -> x's dtype.
+``to_kernel_layout`` packs the same values as ``uint32`` words ``[E, out, in/8]``, value
+``in = 8k + j`` in bits ``4j..4j+3`` of word ``k`` as ``q + 8`` (the compressed-tensors
+``pack-quantized`` layout of the checkpoints, so a converter can keep the checkpoint's
+words); the kernel then builds each bf16 value with integer ops (``0x4300 | (q + 8)`` is
+the bf16 number ``136 + q``) instead of an int -> float conversion. Scales keep their layout.
+
+Everything here imports only jax and numpy, so the file can be loaded by path.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Triton-specific Pallas API; absent in some jax builds.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+GROUP = 32  # inputs per scale (K2.5's INT4 format)
+_MAGIC = 0x4300  # bf16 bits of 128.0: 0x4300 | v (v < 128) is the bf16 number 128 + v
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def to_kernel_layout(q: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Device format -> the kernel's packed layout: (uint32 ``[E, out, in/8]``, scales unchanged).
+
+    Word ``k`` of a row holds inputs ``8k .. 8k+7``, input ``8k + j`` as ``q + 8`` in bits
+    ``4j .. 4j+3`` (compressed-tensors ``pack-quantized``). Run it once (at load), not per call.
+    """
+    if q.dtype != jnp.int4:
+        raise ValueError(f"to_kernel_layout: q must be int4, got {q.dtype}")
+    *lead, inp = q.shape
+    if inp % 8:
+        raise ValueError(f"to_kernel_layout: in-features {inp} must be a multiple of 8")
+    nib = (q.astype(jnp.int32) + 8).astype(jnp.uint32).reshape(*lead, inp // 8, 8)
+    shifts = jnp.arange(0, 32, 4, dtype=jnp.uint32)
+    words = jnp.sum(nib << shifts, axis=-1, dtype=jnp.uint32)  # disjoint bits: sum == or
+    return words, scales
+
+
+def from_kernel_layout(words: jax.Array) -> jax.Array:
+    """The packed uint32 words ``[..., in/8]`` -> int4 ``[..., in]`` (inverse of ``to_kernel_layout``)."""
+    shifts = jnp.arange(0, 32, 4, dtype=jnp.uint32)
+    nib = (words[..., None] >> shifts) & 0xF
+    q = nib.astype(jnp.int32) - 8
+    return q.reshape(*words.shape[:-1], words.shape[-1] * 8).astype(jnp.int4)
+
+
+def _unpacked(q: jax.Array) -> jax.Array:
+    return q if q.dtype == jnp.int4 else from_kernel_layout(q)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference(x: jax.Array, q: jax.Array, scales: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Pure-JAX reference: dequantize every expert in HBM, then ``jax.lax.ragged_dot``.
+
+    W = q * scale rounded once to x's dtype; float32 accumulation; result in x's dtype.
+    Accepts q in either layout.
+    """
+    q = _unpacked(q)
+    e, out, inp = q.shape
+    w = q.astype(x.dtype).reshape(e, out, inp // GROUP, GROUP) * scales.astype(x.dtype)[..., None]
+    w = w.reshape(e, out, inp)
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+    )
+    y = lax.ragged_dot_general(x, w, group_sizes, dims, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def max_row_tiles(m: int, e: int, block_m: int) -> int:
+    """Static bound on the row tiles of any ``group_sizes`` with sum <= m.
+
+    Each non-empty expert adds at most one partial tile, and the rows past the sum one more:
+    sum_e ceil(g_e / bm) + ceil((m - S) / bm) < m / bm + n_nonempty + 1.
+    """
+    return m // block_m + min(e, m) + 1
+
+
+def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
+    """int32 ``[3, T]`` (T = ``max_row_tiles``): per row tile its expert, first row, end row.
+
+    Expert -1 marks a tile of rows past ``sum(group_sizes)`` (written as zeros), -2 a tile
+    past the real count (does nothing). Rows of a tile are ``[start, end)``, all of one expert.
+    """
+    e = group_sizes.shape[0]
+    t_max = max_row_tiles(m, e, block_m)
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts
+    tiles = (sizes + block_m - 1) // block_m
+    tile_ends = jnp.cumsum(tiles)
+    n_expert_tiles = tile_ends[-1]
+    total = ends[-1]
+    n_zero_tiles = (m - total + block_m - 1) // block_m
+
+    t = jnp.arange(t_max, dtype=jnp.int32)
+    ex = jnp.searchsorted(tile_ends, t, side="right").astype(jnp.int32)
+    exc = jnp.minimum(ex, e - 1)
+    local = t - (tile_ends[exc] - tiles[exc])
+    row0 = starts[exc] + local * block_m
+    row1 = jnp.minimum(row0 + block_m, ends[exc])
+    z = t - n_expert_tiles
+    zrow0 = total + z * block_m
+    zrow1 = jnp.minimum(zrow0 + block_m, m)
+    is_expert = t < n_expert_tiles
+    is_zero = (~is_expert) & (z < n_zero_tiles)
+    expert = jnp.where(is_expert, ex, jnp.where(is_zero, -1, -2))
+    start = jnp.where(is_expert, row0, jnp.where(is_zero, zrow0, 0))
+    end = jnp.where(is_expert, row1, jnp.where(is_zero, zrow1, 0))
+    return jnp.stack([expert, start, end]).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes and Triton launch parameters (all sizes powers of two)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    swap: bool = True  # accumulate W @ x.T ([block_n, block_m]) instead of x @ W.T
+
+
+def default_config(m: int, e: int, n: int, k: int) -> Config:
+    """A config by rows per expert: small row tiles when weight reads dominate (decode)."""
+    rows_per_expert = m / max(1, min(e, m))
+    if rows_per_expert <= 16:
+        cfg = Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, swap=True)
+    elif rows_per_expert <= 64:
+        cfg = Config(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, swap=True)
+    else:
+        cfg = Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, swap=True)
+    return fit_config(cfg, n, k)
+
+
+def _pow2_divisor(n: int, target: int, minimum: int) -> int:
+    b = target
+    while b > minimum and n % b:
+        b //= 2
+    if n % b:
+        raise ValueError(f"no power-of-two block >= {minimum} divides {n}")
+    return b
+
+
+def fit_config(cfg: Config, n: int, k: int) -> Config:
+    """Shrink block_n / block_k to powers of two dividing ``out`` / ``in``."""
+    return dataclasses.replace(
+        cfg,
+        block_n=_pow2_divisor(n, cfg.block_n, 16),
+        block_k=_pow2_divisor(k, cfg.block_k, GROUP),
+    )
+
+
+def _dequant_int4(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
+    """int4 ``[bn, groups, 32]`` (Pallas' int4 load: bytes, nibbles split) -> ``[bn, groups * 32]``.
+
+    The two's-complement nibble n of q gives ``n ^ 8 = q + 8``; ``0x4300 | (q + 8)`` read as
+    bf16 is ``136 + q`` exactly (integer ops instead of a slow int -> float conversion), and
+    W = (that - 136) * scale rounds once, as the reference.
+    """
+    q = q_ref[e, pl.ds(n0, bn), pl.ds(g0, groups), :]
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(g0, groups)].astype(dtype)[:, :, None]
+    bits = (q.astype(jnp.uint16) & jnp.uint16(0xF)) ^ jnp.uint16(_MAGIC | 8)
+    v = lax.bitcast_convert_type(bits, jnp.bfloat16).astype(dtype) - jnp.asarray(136, dtype)
+    return (v * s).reshape(bn, groups * GROUP)
+
+
+def _dequant_words(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
+    """uint32 words ``[bn, groups, 4]`` -> ``[bn, groups * 32]`` in dtype, by integer bit tricks.
+
+    Nibble j of a word is ``q + 8``; ``0x4300 | (q + 8)`` read as bf16 is ``136 + q`` exactly,
+    so W = (that - 136) * scale rounds once, as the reference. Nibbles j and j + 4 are masked
+    out together, one in each 16-bit half of a word (one shift and one and-or per pair).
+    """
+    words = q_ref[e, pl.ds(n0, bn), pl.ds(g0, groups), :]  # [bn, groups, 4] uint32
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(g0, groups)].astype(dtype)[:, :, None]
+
+    def as_value(bits16):
+        return lax.bitcast_convert_type(bits16, jnp.bfloat16).astype(dtype) - jnp.asarray(136, dtype)  # = q
+
+    n = [None] * 8
+    for j in range(4):
+        shifted = words >> jnp.uint32(4 * j) if j else words
+        pair = (shifted & jnp.uint32(0x000F000F)) | jnp.uint32(_MAGIC * 0x10001)
+        n[j] = as_value(pair.astype(jnp.uint16))  # bits 0..15: nibble j
+        n[j + 4] = as_value((pair >> jnp.uint32(16)).astype(jnp.uint16))  # bits 16..31: nibble j + 4
+
+    # Interleave the 8 nibbles of each word back into input order (j = 4 j2 + 2 j1 + j0):
+    # each join adds a new minor axis, so join the highest bit first.
+    p = [jnp.stack([n[j], n[j + 4]], axis=-1) for j in range(4)]  # [.., 4, j2]; p[j1 * 2 + j0]
+    r = [jnp.stack([p[j0], p[2 + j0]], axis=-1) for j0 in range(2)]  # [.., 4, j2, j1]
+    v = jnp.stack([r[0], r[1]], axis=-1)  # [bn, groups, 4, j2, j1, j0]
+    return (v.reshape(bn, groups, GROUP) * s).reshape(bn, groups * GROUP)
+
+
+def _tile(g_ref, t, *, m: int, e: int, bm: int):
+    """Row tile ``t``'s (expert, first row, end row), computed in the kernel from group_sizes.
+
+    The same schedule as ``tile_schedule``, from a few scans and reductions over the padded
+    ``[E]`` vector: no extra launches before the kernel.
+    """
+    ep = 1 << max(0, (e - 1).bit_length())  # Triton tensors have power-of-two sizes
+    idx = lax.broadcasted_iota(jnp.int32, (ep,), 0)
+    g = jnp.where(idx < e, g_ref[jnp.minimum(idx, e - 1)], 0)
+    incl = jnp.cumsum(g)
+    ends = jnp.minimum(incl, m)
+    starts = jnp.minimum(incl - g, m)
+    tiles = (ends - starts + bm - 1) // bm
+    tile_ends = jnp.cumsum(tiles)
+    n_expert_tiles = jnp.sum(tiles)
+    total = jnp.max(ends)
+    ex = jnp.sum((tile_ends <= t).astype(jnp.int32))
+    sel = idx == ex
+
+    def pick(v):
+        return jnp.sum(jnp.where(sel, v, 0))
+
+    row0 = pick(starts) + (t - (pick(tile_ends) - pick(tiles))) * bm
+    row1 = jnp.minimum(row0 + bm, pick(ends))
+    zrow0 = total + (t - n_expert_tiles) * bm
+    zrow1 = jnp.minimum(zrow0 + bm, m)
+    is_expert = t < n_expert_tiles
+    is_zero = jnp.logical_and(jnp.logical_not(is_expert), zrow0 < m)
+    # -1 for zero rows, -2 for nothing (no select between two constants: the Triton lowering
+    # of that mistypes the result).
+    expert = jnp.where(is_expert, ex, is_zero.astype(jnp.int32) - 2)
+    return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
+
+
+def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, packed: bool,
+            precision):
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    groups = bk // GROUP
+    j = pl.program_id(0)
+    t = pl.program_id(1)
+    expert, row0, row1 = _tile(g_ref, t, m=m, e=e, bm=bm)
+    n0 = pl.multiple_of(j * bn, bn)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    dtype = x_ref.dtype
+    dequant = _dequant_words if packed else _dequant_int4
+
+    @pl.when(expert >= 0)
+    def _():
+        xmask = jnp.broadcast_to(rows < row1, (bm, bk))
+
+        def body(kb, acc):
+            k0 = pl.multiple_of(kb * bk, bk)
+            xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
+            w = dequant(q_ref, s_ref, expert, n0, kb * groups, bn, groups, dtype)
+            if cfg.swap:
+                d = lax.dot_general(w, xk, (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+            else:
+                d = lax.dot_general(xk, w, (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+            return acc + d
+
+        shape = (bn, bm) if cfg.swap else (bm, bn)
+        acc = lax.fori_loop(0, n_k, body, jnp.zeros(shape, jnp.float32))
+        y = (acc.T if cfg.swap else acc).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], y, mask=jnp.broadcast_to(rows < row1, (bm, bn)))
+
+    @pl.when(expert == -1)
+    def _():
+        plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], jnp.zeros((bm, bn), o_ref.dtype),
+                    mask=jnp.broadcast_to(rows < row1, (bm, bn)))
+
+
+def int4_grouped_matmul(
+    x: jax.Array,
+    q: jax.Array,
+    scales: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x [M, in]`` rows grouped by expert, times their expert's dequantized W.T -> ``[M, out]``.
+
+    ``q`` int4 ``[E, out, in]`` or uint32 ``[E, out, in/8]`` (``to_kernel_layout``); ``scales``
+    ``[E, out, in/32]``; ``group_sizes`` int32 ``[E]``, sum <= M (rows past it are zeros).
+    ``interpret=True`` runs the same kernel body through Pallas' interpreter (CPU tests).
+    """
+    m, k = x.shape
+    packed = q.dtype != jnp.int4
+    if packed:
+        if q.dtype != jnp.uint32:
+            raise ValueError(f"int4_grouped_matmul: q must be int4 or packed uint32 words, got {q.dtype}")
+        e, n, kw = q.shape
+        if kw * 8 != k:
+            raise ValueError(f"int4_grouped_matmul: packed q {q.shape} does not match x {x.shape}")
+    else:
+        e, n, kq = q.shape
+        if kq != k:
+            raise ValueError(f"int4_grouped_matmul: q {q.shape} does not match x {x.shape}")
+    if k % GROUP or scales.shape != (e, n, k // GROUP):
+        raise ValueError(f"int4_grouped_matmul: scales {scales.shape} do not match q {q.shape} (one per {GROUP})")
+    if group_sizes.shape != (e,):
+        raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
+    cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
+    return _call(x, q, scales, group_sizes, cfg=cfg, packed=packed, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "packed", "interpret"))
+def _call(x, q, scales, group_sizes, *, cfg: Config, packed: bool, interpret: bool):
+    m, k = x.shape
+    e, n = q.shape[:2]
+    t_max = max_row_tiles(m, e, cfg.block_m)
+    # Views that keep one scale group on its own axis (free reshapes of the minor axis).
+    qv = q.reshape(e, n, k // GROUP, GROUP // 8 if packed else GROUP)
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, packed=packed,
+                               precision=precision)
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(n // cfg.block_n, t_max),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="int4_grouped_matmul",
+    )(group_sizes.astype(jnp.int32), x, qv, scales)
+
+
+def expert_bytes(q: jax.Array, scales: jax.Array, group_sizes: Any) -> int:
+    """Bytes of int4 values + scales of the experts that have rows (what a call must read)."""
+    used = int(np.count_nonzero(np.asarray(group_sizes)))
+    e, n = q.shape[:2]
+    k = scales.shape[-1] * GROUP
+    return used * (n * k // 2 + n * (k // GROUP) * jnp.dtype(scales.dtype).itemsize)

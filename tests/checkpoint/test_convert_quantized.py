@@ -29,6 +29,8 @@ from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E40
 from hf_reference import hf_logits, load_hf_text_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+pytestmark = pytest.mark.reference
+
 YARN = dict(type="yarn", factor=8.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
             mscale=1.0, mscale_all_dim=1.0)
 # Sizes pairwise distinct; INT4 in-features (hidden, moe_intermediate) are multiples of 32.

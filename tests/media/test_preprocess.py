@@ -121,6 +121,7 @@ def _transformers_kimi(module):
         pytest.skip(f"transformers has no usable kimi_k25 {module}: {e}")
 
 
+@pytest.mark.reference
 def test_resize_matches_transformers_navit_resize():
     mod = _transformers_kimi("image_processing_kimi_k25")
     rng = np.random.default_rng(2)
@@ -269,6 +270,7 @@ def _rand_image(rng, w, h):
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.reference
 def test_matches_transformers_image_processor():
     mod = _transformers_kimi("image_processing_kimi_k25")
     proc = mod.Kimi_K25ImageProcessor()

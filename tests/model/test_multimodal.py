@@ -124,6 +124,7 @@ def test_batched_generation_splices_each_rows_media(golden):
     assert placeholder not in batch[2].prompt_ids
 
 
+@pytest.mark.mesh
 def test_sharded_load_restores_vision_into_shardings(golden):
     _, converted, _, expected = golden
     model = kimi_jax.load(converted, mesh="data=1,expert=8,tensor=1")
@@ -163,6 +164,7 @@ def tiny(tmp_path_factory):
     return kimi_jax.load(converted), converted, src, pictures
 
 
+@pytest.mark.reference
 def test_logits_match_transformers(tiny):
     """Several images of different sizes (grids below and above the 6 x 6 position table, one
     padded to multiples of 28) and a 2-frame video chunk in one prompt."""

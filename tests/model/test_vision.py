@@ -96,6 +96,7 @@ def test_golden_not_the_eager_leak(golden):
 # ----------------------------------------------------------------------- interpolation
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("table,grid", [((8, 8), (4, 6)), ((8, 8), (12, 10)), ((6, 9), (10, 4)), ((64, 64), (37, 80)),
                                         ((5, 7), (5, 7)), ((4, 3), (1, 2))])
 def test_position_table_resize_matches_torch_bicubic(table, grid):
@@ -144,6 +145,7 @@ def parity(tmp_path_factory):
     return ours, pixels, want
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("stage", ["final_layernorm_out", "merged", "projected"])
 def test_transformers_parity(parity, stage):
     ours, pixels, want = parity
@@ -152,6 +154,7 @@ def test_transformers_parity(parity, stage):
     assert rel_err(named[stage], want[stage]) < 1e-5
 
 
+@pytest.mark.reference
 def test_media_never_attend_to_each_other(parity):
     """Perturbing one medium leaves every other medium's features bit-identical, and a medium
     encoded alone gets the features it gets packed with others."""

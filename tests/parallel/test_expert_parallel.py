@@ -11,6 +11,8 @@ from kimi_jax.model.moe import MoE
 from kimi_jax.parallel import Parallel, load_layout
 from kimi_jax.testing.synthetic import k25_config
 
+pytestmark = pytest.mark.mesh
+
 MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2",
           "data=1,expert=1,tensor=8", "data=8,expert=1,tensor=1"]
 

@@ -12,6 +12,8 @@ import kimi_jax
 from kimi_jax.parallel.layout import load_layout
 from kimi_jax.testing.synthetic import k25_config, write_checkpoint
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.mesh]
+
 TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,
             num_hidden_layers=3, num_attention_heads=8, q_lora_rank=32, kv_lora_rank=16,
             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=16, num_experts_per_tok=2)

@@ -7,6 +7,8 @@ import kimi_jax
 from kimi_jax.parallel import shard_model
 from kimi_jax.testing.synthetic import k25_config, write_checkpoint
 
+pytestmark = pytest.mark.mesh
+
 MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2",
           "data=1,expert=1,tensor=8", "data=8,expert=1,tensor=1"]
 TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,

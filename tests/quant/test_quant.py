@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 
 from kimi_jax.quant import formats as Q
 
+pytestmark = pytest.mark.reference
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "quant"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 

@@ -1,6 +1,7 @@
 """Kimi K2.5 in JAX and Flax NNX."""
 
 from kimi_jax.checkpoint.convert import ConversionError, convert
+from kimi_jax.checkpoint.integrity import ChecksumError, verify
 from kimi_jax.checkpoint.load import load
 from kimi_jax.config.model import (
     KimiConfig,
@@ -13,6 +14,7 @@ from kimi_jax.media.placeholders import expand_media_placeholders
 from kimi_jax.model import Kimi
 
 __all__ = [
+    "ChecksumError",
     "ConversionError",
     "Kimi",
     "KimiConfig",
@@ -23,4 +25,5 @@ __all__ = [
     "generate",
     "kimi_k25_config",
     "load",
+    "verify",
 ]

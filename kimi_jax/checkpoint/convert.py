@@ -28,8 +28,11 @@ Before anything is written, the source tensor names, dtypes and shapes (from the
 safetensors headers, plus the small ``weight_shape`` tensors) are checked against that
 table: any unknown tensor, missing tensor, shape or dtype mismatch fails naming the tensor.
 Then the arrays are built and written a few at a time (``orbax`` partial saves), so host
-memory holds about one stacked expert projection at most. Output goes to a temporary
-folder that is renamed to the destination on success.
+memory holds about one stacked expert projection at most. A SHA-256 of every array's values
+is recorded in ``checksums.json`` as it is written (``kimi_jax.checkpoint.verify`` checks
+them). Output goes to a temporary folder beside the destination that is swapped in on
+success; ``kimi_jax.checkpoint.destination`` has the rules for overwriting and for the
+folders a killed conversion leaves.
 
 The vision tower and projector (``vision_tower.*``, ``mm_projector.*``) are written in
 MoonViT's own layout too, from the table of ``kimi_jax.model.vision.checkpoint_tensors``, so
@@ -42,12 +45,10 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import struct
-import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 import jax.numpy as jnp
@@ -57,6 +58,9 @@ from flax import nnx, traverse_util
 from orbax.checkpoint import v1 as ocp
 from tqdm.auto import tqdm
 
+from kimi_jax.checkpoint import destination
+from kimi_jax.checkpoint.destination import INFO_FILE, PARAMS_DIR
+from kimi_jax.checkpoint.integrity import ALGORITHM, CHECKSUMS_FILE, array_checksum
 from kimi_jax.config.model import KimiConfig, TextConfig
 from kimi_jax.model.moe import INT4_GROUP_SIZE
 from kimi_jax.model.vision import VisionConfig, checkpoint_tensors
@@ -67,8 +71,6 @@ from kimi_jax.quant.formats import (
     to_device_format,
 )
 
-PARAMS_DIR = "params"
-INFO_FILE = "kimi_jax.json"
 FORMAT_VERSION = 2
 """Version of the written layout. 2: vision weights in MoonViT's layout (1 carried them as in
 the source); text-only checkpoints are the same in both."""
@@ -88,6 +90,10 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+
+
+CONVERTER_FILES = {PARAMS_DIR, "config.json", INFO_FILE, CHECKSUMS_FILE, destination.MARKER, *SIDE_FILES}
+"""Everything the converter writes into a checkpoint folder (what ``overwrite`` may replace)."""
 
 
 class ConversionError(ValueError):
@@ -123,6 +129,16 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         raise ConversionError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
 
 
+def _check_shard_name(index: Path, tensor: str, fname) -> None:
+    """An index entry must name a file inside the checkpoint folder: a relative path without ``..``."""
+    if not isinstance(fname, str) or not fname:
+        raise ConversionError(f"{index}: the entry for tensor {tensor} is {fname!r}, not a file name")
+    if (PurePosixPath(fname).is_absolute() or PureWindowsPath(fname).is_absolute() or PureWindowsPath(fname).drive
+            or ".." in PurePosixPath(fname.replace("\\", "/")).parts):
+        raise ConversionError(f"{index}: the entry for tensor {tensor} names {fname!r}, which is not a file "
+                              "inside the checkpoint folder")
+
+
 class SafetensorsSource:
     """The tensors of a Hugging Face checkpoint folder: one file, or shards with an index.
 
@@ -140,6 +156,8 @@ class SafetensorsSource:
             weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{index} has no 'weight_map'")
+            for name, fname in weight_map.items():
+                _check_shard_name(index, name, fname)
             files = sorted({self.folder / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():
@@ -498,37 +516,45 @@ def convert(
 ) -> Path:
     """Converts the Hugging Face checkpoint folder ``src`` to a kimi-jax checkpoint at ``dst``.
 
-    ``dst`` receives ``params/`` (Orbax), ``config.json``, ``kimi_jax.json`` and the
-    tokenizer / chat-template / generation / preprocessor files found in ``src``.
-    INT4 routed experts stay 4-bit unless ``dequantize`` (then they are ``dtype``, like
-    every other weight); ``kimi_jax.json`` records the experts' format for :func:`load`.
+    ``dst`` receives ``params/`` (Orbax), ``config.json``, ``kimi_jax.json``,
+    ``checksums.json`` (a SHA-256 of every array) and the tokenizer / chat-template /
+    generation / preprocessor files found in ``src``. INT4 routed experts stay 4-bit unless
+    ``dequantize`` (then they are ``dtype``, like every other weight); ``kimi_jax.json``
+    records the experts' format for :func:`load`. Paths may be relative or start with ``~``;
+    the returned path is absolute.
+
+    ``dst`` must not exist, unless ``overwrite``: then it may be a kimi-jax checkpoint
+    (holding only the converter's files) or an empty folder, which is replaced atomically
+    (the new checkpoint is completed beside it, then swapped in). Any other folder, a file,
+    the source folder itself or a folder inside or around it is refused (``FileExistsError``
+    / ``ValueError`` naming the path); see :mod:`kimi_jax.checkpoint.destination`.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = destination.absolute(src), destination.absolute(dst)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    destination.check(src, dst, overwrite=overwrite, converter_files=CONVERTER_FILES)
     config = KimiConfig.from_file(src)
     source = SafetensorsSource(src)
     try:
         targets = plan(config, source, DTYPES[dtype], dequantize=dequantize)
         quant = quant_config(config)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        destination.check_writable(dst)
+        destination.remove_leftovers(dst)
+        tmp = destination.make_temporary(dst)
         try:
-            _write_params(tmp / PARAMS_DIR, targets, source, quant, progress)
+            checksums = _write_params(tmp / PARAMS_DIR, targets, source, quant, progress)
+            (tmp / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": ALGORITHM, "arrays": checksums}, indent=1))
             (tmp / "config.json").write_text(config.to_json())
             for name in SIDE_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
             info = {"format_version": FORMAT_VERSION, "dtype": dtype, "source": src.name,
                     "multimodal": any(t.path[0] != "language_model" for t in targets),
-                    "expert_format": "int4" if any(t.transform == "int4" for t in targets) else "dense"}
+                    "expert_format": "int4" if any(t.transform == "int4" for t in targets) else "dense",
+                    "checksums": {"algorithm": ALGORITHM, "file": CHECKSUMS_FILE}}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            destination.check(src, dst, overwrite=overwrite, converter_files=CONVERTER_FILES)  # changed meanwhile?
+            destination.swap_in(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -547,7 +573,9 @@ def _no_defensive_copy() -> contextlib.AbstractContextManager:
 
 def _write_params(
     path: Path, targets: list[Target], source: SafetensorsSource, quant: QuantConfig | None, progress: bool
-) -> None:
+) -> dict[str, dict]:
+    """Writes the arrays a group at a time; returns the checksum record of each ("/"-joined tree path)."""
+    checksums = {}
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(t.group, []).append(t)
@@ -556,7 +584,11 @@ def _write_params(
         for name, group in groups.items():
             bar.set_postfix_str(name)
             items = [(t.path, t.build(source, quant)) for t in group]
-            ocp.partial.save(path, traverse_util.unflatten_dict(dict(items)))
+            tree = traverse_util.unflatten_dict(dict(items))
+            for leaf_path, array in traverse_util.flatten_dict(tree).items():
+                checksums["/".join(map(str, leaf_path))] = array_checksum(array)
+            ocp.partial.save(path, tree)
             bar.update(sum(t.nbytes for t in group))
-            del items
+            del items, tree
         ocp.partial.finalize(path)
+    return checksums

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 from orbax.checkpoint import v1 as ocp
 
+from kimi_jax.checkpoint import integrity
 from kimi_jax.checkpoint.convert import DTYPES, FORMAT_VERSION, INFO_FILE, PARAMS_DIR
+from kimi_jax.checkpoint.destination import absolute
 from kimi_jax.config.model import KimiConfig
 from kimi_jax.model.kimi import Kimi
 from kimi_jax.parallel.layout import Layout
@@ -21,8 +23,9 @@ READ_CONCURRENT_BYTES = 1 << 30
 
 
 def checkpoint_info(path: str | Path) -> dict:
-    """The ``kimi_jax.json`` written by the converter; a clear error if ``path`` is no checkpoint."""
-    path = Path(path)
+    """The ``kimi_jax.json`` written by the converter; a clear error if ``path`` is no checkpoint
+    or the file is malformed (``ValueError`` naming the file and field)."""
+    path = absolute(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     info_file = path / INFO_FILE
@@ -31,7 +34,19 @@ def checkpoint_info(path: str | Path) -> dict:
             f"{path} is not a converted kimi-jax checkpoint (no {INFO_FILE} / {PARAMS_DIR}/); "
             "convert a Hugging Face checkpoint first with `kimi-jax convert SRC DST`"
         )
-    return json.loads(info_file.read_text())
+    try:
+        info = json.loads(info_file.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{info_file} cannot be read ({type(e).__name__}: {e}); convert the checkpoint again") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_file} is not a JSON object; convert the checkpoint again")
+    if info.get("dtype") not in DTYPES:
+        raise ValueError(f"{info_file}: unknown dtype {info.get('dtype')!r} (this kimi-jax writes "
+                         f"{' or '.join(sorted(DTYPES))}); convert the checkpoint again")
+    if info.get("expert_format", "dense") not in ("dense", "int4"):
+        raise ValueError(f"{info_file}: unknown expert_format {info.get('expert_format')!r} (expected dense or "
+                         "int4); convert the checkpoint again")
+    return info
 
 
 def _check_format(path: Path, info: dict) -> None:
@@ -53,6 +68,7 @@ def load(
     moe_impl: str = "grouped",
     mesh: str | Path | Layout | Parallel | None = None,
     vision_attention: str | None = None,
+    verify: bool = False,
 ) -> Kimi:
     """Loads a converted checkpoint: ``model = load(path)``; ``model(input_ids)`` -> logits.
 
@@ -69,10 +85,18 @@ def load(
     ``vision_attention`` is the vision tower's attention implementation (``None`` for XLA,
     ``"cudnn"`` for cuDNN flash attention on NVIDIA GPUs in bfloat16; see
     :class:`~kimi_jax.model.vision.MoonViT`).
+
+    ``verify`` first checks every array against the checksums recorded at conversion (see
+    :func:`kimi_jax.checkpoint.verify`; this reads the checkpoint once more), raising
+    :class:`~kimi_jax.checkpoint.integrity.ChecksumError` naming each bad array. Without it,
+    an array file that is missing or cut short still fails with one ``ValueError`` naming the
+    array and the file.
     """
-    path = Path(path)
+    path = absolute(path)
     info = checkpoint_info(path)
     _check_format(path, info)
+    if verify:
+        integrity.verify(path)
     config = KimiConfig.from_file(path / "config.json")
     dtype = jnp.dtype(DTYPES[info["dtype"]] if dtype is None else dtype)
     expert_format = info.get("expert_format", "dense")
@@ -92,7 +116,15 @@ def load(
     )
     options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
     memory = ocp.options.MemoryOptions(read_concurrent_bytes=READ_CONCURRENT_BYTES)
-    with ocp.Context(pytree_options=options, memory_options=memory):
-        restored = ocp.load(path / PARAMS_DIR, target)
+    error = None
+    try:
+        with ocp.Context(pytree_options=options, memory_options=memory):
+            restored = ocp.load(path / PARAMS_DIR, target)
+    except Exception as e:  # noqa: BLE001 - tensorstore read failures become one line naming the array
+        error = integrity.read_error(path, e)
+        if error is None:
+            raise
+    if error is not None:
+        raise error
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

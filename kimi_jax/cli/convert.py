@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> None:
     from kimi_jax.checkpoint.convert import convert
+    from kimi_jax.checkpoint.destination import absolute
 
+    src, dst = absolute(args.src), absolute(args.dst)
     if args.mesh:
-        _check_layout_fits(args.src, args.mesh, args.dtype, args.dequantize)
+        _check_layout_fits(src, args.mesh, args.dtype, args.dequantize)
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, dtype=args.dtype, dequantize=args.dequantize, overwrite=args.overwrite,
+    out = convert(src, dst, dtype=args.dtype, dequantize=args.dequantize, overwrite=args.overwrite,
                   progress=not args.quiet)
-    print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    print(f"converted {src} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
 
 
-def _check_layout_fits(src: str, mesh: str, dtype: str, dequantize: bool) -> None:
+def _check_layout_fits(src: Path, mesh: str, dtype: str, dequantize: bool) -> None:
     """Fails before converting when the layout cannot shard the model the conversion will
     produce (indivisible axes; INT4 experts' scales included)."""
     from flax import nnx
@@ -41,7 +44,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--dequantize", action="store_true",
                    help="write INT4 routed experts as dense --dtype experts (default: keep them 4-bit)")
-    p.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace dst if it is a kimi-jax checkpoint (or an empty folder); any other folder is "
+                        "refused. The new checkpoint is completed beside it, then swapped in")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--mesh", help="first check that this mesh layout can shard the model (converted "
                                   "checkpoints themselves do not depend on the mesh)")

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> None:
     from kimi_jax.checkpoint.summary import describe
     from kimi_jax.testing.demo import write_demo_checkpoint, write_demo_image
 
-    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kimi-jax-demo-"))
+    work = Path(args.dir).expanduser().resolve() if args.dir else Path(tempfile.mkdtemp(prefix="kimi-jax-demo-"))
     hf, converted = work / "hf", work / "converted"
     print(f"1. writing a random K2.5-layout checkpoint with a tokenizer to {hf}")
     config = write_demo_checkpoint(hf, seed=args.seed)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> None:
     from kimi_jax.checkpoint.convert import DTYPES, INFO_FILE
+    from kimi_jax.checkpoint.destination import absolute
     from kimi_jax.checkpoint.load import checkpoint_info
     from kimi_jax.checkpoint.summary import (
         active_parameters,
@@ -19,10 +19,11 @@ def run(args: argparse.Namespace) -> None:
     )
     from kimi_jax.config.model import KimiConfig
 
-    config = KimiConfig.from_file(args.path)
+    path = absolute(args.path)
+    config = KimiConfig.from_file(path)
     print(describe(config))
-    if (Path(args.path) / INFO_FILE).is_file():
-        info = checkpoint_info(args.path)
+    if (path / INFO_FILE).is_file():
+        info = checkpoint_info(path)
         dtype, experts = info["dtype"], info.get("expert_format", "dense")
         print(f"checkpoint      kimi-jax: {dtype}, {experts} routed experts")
     else:

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from kimi_jax.cli import chat, convert, demo, generate, info
+from kimi_jax.cli import chat, convert, demo, generate, info, verify
 
-COMMANDS = (convert, info, demo, generate, chat)
+COMMANDS = (convert, info, demo, generate, chat, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

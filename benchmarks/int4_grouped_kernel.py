@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_by_path(name, rel):
     spec = importlib.util.spec_from_file_location(name, ROOT / rel)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file runs
     spec.loader.exec_module(mod)
     return mod
 

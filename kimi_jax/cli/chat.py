@@ -1,9 +1,18 @@
-"""``kimi-jax chat CKPT``: an interactive multi-turn chat on stdin."""
+"""``kimi-jax chat CKPT``: an interactive multi-turn chat on stdin.
+
+A failing turn never ends the session: the error is printed as ``error: ...``, the failed
+message (and the images attached to it) is not kept, and the conversation goes on from the
+history before it. A conversation that outgrows the model's context loses its oldest turns
+(a turn: a user message and the replies to it; the system message stays) until the new
+message fits, with a note; a message that does not fit even alone is refused.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from kimi_jax.cli.common import (
@@ -12,9 +21,80 @@ from kimi_jax.cli.common import (
     check_images,
     checkpoint_preprocessor,
     checkpoint_tokenizer,
+    error_message,
     generate_kwargs,
     user_message,
+    user_path,
 )
+
+CONTEXT_POLICY = (
+    "A conversation that outgrows the model's context loses its oldest turns (the system message "
+    "stays) until the new message fits, with a note; a message that does not fit even alone is refused. "
+    "An error in a turn is printed and the session goes on without that message."
+)
+
+OUTGROWN = ("longer than the model's context", "longer than the cache")
+"""How the engine reports a prompt that does not fit (``Engine._check_prompts``)."""
+
+
+def _outgrows_context(e: Exception) -> bool:
+    return isinstance(e, ValueError) and any(s in str(e) for s in OUTGROWN)
+
+
+def _turn_starts(history: list[dict]) -> list[int]:
+    """Where each turn of ``history`` (no system message) begins: at its user messages."""
+    return [i for i, m in enumerate(history) if m.get("role") == "user"]
+
+
+class Chat:
+    """The conversation and one reply per user message, under the context policy."""
+
+    def __init__(self, args: argparse.Namespace, model, tokenizer, preprocessor, stop_ids: list[int]):
+        self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.preprocessor, self.stop_ids = preprocessor, stop_ids
+        self.system = [{"role": "system", "content": args.system}] if args.system else []
+        self.history: list[dict] = []  # the turns after the system message
+        self.turn = 0
+
+    def reply(self, message: dict) -> None:
+        """Answers ``message``; on success it and the reply join the history (older turns may be
+        dropped to make room), on an error the history is left as it was."""
+        import kimi_jax
+
+        starts = _turn_starts(self.history) + [len(self.history)]
+        for dropped, start in enumerate(starts):  # drop 0, 1, ... of the oldest turns
+            kept = self.history[start:]
+            printer = ReplyPrinter(self.tokenizer, parse=True, thinking=self.args.mode == "thinking")
+            note = f"[note: dropped the {dropped} oldest turn(s) to fit the model's context]\n" if dropped else ""
+
+            def on_token(index: int, token_id: int, printer=printer) -> None:
+                nonlocal note
+                if note:  # the prompt fitted: say so before the reply
+                    sys.stdout.write(note)
+                    note = ""
+                printer.token(index, token_id)
+
+            try:
+                [result] = kimi_jax.generate(
+                    self.model, [self.system + kept + [message]], tokenizer=self.tokenizer,
+                    preprocessor=self.preprocessor, seed=self.args.seed + self.turn, stop_ids=self.stop_ids,
+                    on_token=on_token, **generate_kwargs(self.args),
+                )
+            except BaseException as e:
+                if printer.section is not None:  # a reply broken off midway: end its line
+                    print()
+                elif _outgrows_context(e) and start < len(self.history):
+                    continue
+                elif _outgrows_context(e):
+                    raise ValueError(f"message refused, it does not fit even without the earlier turns: {e}") from e
+                raise
+            printer.close()
+            context = self.model.config.text.max_position_embeddings
+            if result.finish_reason == "length" and len(result.prompt_ids) + len(result.token_ids) >= context:
+                print("[note: the reply was cut short at the end of the model's context]")
+            self.history = kept + [message, result.parsed.to_message()]
+            self.turn += 1
+            return
 
 
 def run(args: argparse.Namespace) -> None:
@@ -24,49 +104,51 @@ def run(args: argparse.Namespace) -> None:
 
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
+    stop_ids = generation_stop_ids(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint, required=True)
-    images = args.image or []
+    images = list(args.image or [])
     check_images(checkpoint, images)
     preprocessor = checkpoint_preprocessor(checkpoint)
     model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    chat = Chat(args, model, tokenizer, preprocessor, stop_ids)
     print(f"chatting with {checkpoint} ({args.mode} mode); /image PATH attaches an image to your next message, "
           "/exit or end of input quits")
-    turn = 0
     while True:
         print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line or line.strip() == "/exit":
             print()
             return
-        if line.startswith("/image"):
-            path = line.removeprefix("/image").strip()
-            try:
+        command, _, rest = line.strip().partition(" ")
+        try:
+            if command == "/image":
+                if not rest.strip():
+                    raise ValueError("usage: /image PATH")
+                path = os.path.expanduser(rest.strip())
                 check_images(checkpoint, [path])
-            except ValueError as e:
-                print(f"error: {e}")
+                images.append(path)
+                print(f"attached {path} to your next message")
                 continue
-            images.append(path)
-            print(f"attached {path} to your next message")
-            continue
-        if not line.strip():
-            continue
-        history.append(user_message(line.rstrip("\n"), images))
-        images = []
-        printer = ReplyPrinter(tokenizer, parse=True, thinking=args.mode == "thinking")
-        [result] = kimi_jax.generate(
-            model, [history], tokenizer=tokenizer, preprocessor=preprocessor,
-            seed=args.seed + turn, stop_ids=generation_stop_ids(checkpoint), on_token=printer.token,
-            **generate_kwargs(args),
-        )
-        printer.close()
-        history.append(result.parsed.to_message())
-        turn += 1
+            if not line.strip():
+                continue
+            message = user_message(line.rstrip("\n"), images)
+            images = []  # a failed message takes its images with it
+            chat.reply(message)
+        except Exception as e:  # noqa: BLE001 - one turn's error never ends the session
+            sys.stdout.flush()
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            print(f"error: {error_message(e)}", flush=True)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/image PATH attaches an image, /exit quits)")
+    p = sub.add_parser(
+        "chat", help="interactive multi-turn chat on stdin (/image PATH attaches an image, /exit quits)",
+        description="Interactive multi-turn chat on stdin: /image PATH attaches an image to your next message, "
+                    "/exit or end of input quits. " + CONTEXT_POLICY,
+    )
     add_generation_options(p)
     p.add_argument("--system", help="a system message to start the conversation with")
-    p.add_argument("--image", action="append", metavar="PATH", help="an image for the first message (repeatable)")
+    p.add_argument("--image", action="append", metavar="PATH", type=user_path,
+                   help="an image for the first message (repeatable)")
     p.set_defaults(func=run)

@@ -3,8 +3,106 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
+
+# ------------------------------------------------------------------ errors
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that report bad input or a failing environment, not a bug: shown as their message.
+
+    Files and folders (``OSError``: missing, unreadable, read-only, a file where a folder is
+    expected), bad values and malformed files (``ValueError``, so ``json.JSONDecodeError`` too),
+    checkpoint storage and devices (orbax / tensorstore / XLA raise ``ValueError`` or
+    ``RuntimeError``), chat templates (``jinja2.TemplateError``), and running out of memory.
+    """
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, MemoryError)
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return errors
+    return (*errors, TemplateError)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
+def error_message(e: Exception) -> str:
+    """One line for an error: its message for bad input, its type and a hint for anything else."""
+    if isinstance(e, _user_errors()) and not isinstance(e, RecursionError):
+        return _one_line(e)
+    return f"{type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)"
+
+
+# ------------------------------------------------------------------ option types
+# argparse ``type=`` callables: a bad value is argparse's usual error (exit 2), raised while the
+# command line is parsed, so before any model or checkpoint is loaded.
+
+
+def _number(kind, text: str, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    value = _number(float, text, "a number >= 0 (0 = greedy)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    value = _number(float, text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+SEED_LIMIT = 2**32
+
+
+def seed(text: str) -> int:
+    value = _number(int, text, f"an integer in [0, {SEED_LIMIT})")
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_LIMIT}), got {text}")
+    return value
+
+
+def user_path(text: str) -> str:
+    """A path as typed: ``~`` expanded; relative paths stay relative to the working folder."""
+    return os.path.expanduser(text)
+
+
+def checkpoint_path(text: str) -> Path:
+    """A checkpoint folder: ``~`` expanded, a relative path made absolute (the loaders want absolute paths)."""
+    return Path(os.path.expanduser(text)).absolute()
+
+
+# ------------------------------------------------------------------ option groups
 
 
 def add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -12,23 +110,26 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh", help="mesh layout: a name (gpu-2, gpu-8, cpu-8, ...), a TOML file, or inline "
                                   "data=1,expert=4,tensor=2 (default: one device)")
     g.add_argument("--coordinator", help="multi-process: host:port of process 0 (or env KIMI_JAX_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, help="multi-process: number of processes (KIMI_JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, help="multi-process: this process's index (KIMI_JAX_PROCESS_ID)")
+    g.add_argument("--num-processes", type=positive_int,
+                   help="multi-process: number of processes (KIMI_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=non_negative_int,
+                   help="multi-process: this process's index (KIMI_JAX_PROCESS_ID)")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     add_parallel_options(p)
-    p.add_argument("checkpoint", help="converted checkpoint folder")
+    p.add_argument("checkpoint", type=checkpoint_path, help="converted checkpoint folder")
     p.add_argument("--mode", default="thinking", choices=["thinking", "instant"])
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, help="default: the mode's recommendation (thinking 1.0, instant 0.6)")
-    p.add_argument("--top-p", type=float, help="default: the mode's recommendation (0.95)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help=">= 1 (default: 512)")
+    p.add_argument("--temperature", type=temperature,
+                   help=">= 0, 0 = greedy (default: the mode's recommendation, thinking 1.0, instant 0.6)")
+    p.add_argument("--top-p", type=top_p, help="in (0, 1] (default: the mode's recommendation, 0.95)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help=">= 0, 0 = off")
+    p.add_argument("--seed", type=seed, default=0, help="an integer in [0, 2**32) (default: 0)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="parameters and activations (default: the checkpoint's)")
     p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512, help="prompt tokens per prefill step, >= 1")
 
 
 def token_ids(text: str) -> list[int]:

@@ -15,6 +15,7 @@ from kimi_jax.cli.common import (
     generate_kwargs,
     token_ids,
     user_message,
+    user_path,
 )
 
 
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> None:
 
     checkpoint = Path(args.checkpoint)
     checkpoint_info(checkpoint)
+    stop_ids = generation_stop_ids(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint, required=args.ids is None)
     images = args.image or []
     check_images(checkpoint, images)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     printer = ReplyPrinter(tokenizer, parse=is_chat, thinking=args.mode == "thinking")
     [result] = kimi_jax.generate(
         model, [prompt], tokenizer=tokenizer, preprocessor=preprocessor,
-        seed=args.seed, stop_ids=generation_stop_ids(checkpoint), on_token=printer.token,
+        seed=args.seed, stop_ids=stop_ids, on_token=printer.token,
         **media, **generate_kwargs(args),
     )
     printer.close()
@@ -58,7 +60,7 @@ def register(sub) -> None:
     prompt.add_argument("--prompt", help="the user's message (sent as a one-turn chat unless --raw)")
     prompt.add_argument("--ids", type=token_ids, help="raw prompt token ids, e.g. 1,2,3 (no tokenizer needed)")
     p.add_argument("--raw", action="store_true", help="continue --prompt as plain text, without the chat template")
-    p.add_argument("--image", action="append", metavar="PATH",
+    p.add_argument("--image", action="append", metavar="PATH", type=user_path,
                    help="an image to ask about (repeatable); with --raw or --ids the prompt must hold one "
                         "<|media_pad|> placeholder per image")
     p.set_defaults(func=run)

@@ -7,12 +7,15 @@ import os
 import sys
 
 from kimi_jax.cli import chat, convert, demo, generate, info, verify
+from kimi_jax.cli.common import error_message
 
 COMMANDS = (convert, info, demo, generate, chat, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-jax", description="Kimi K2.5 in JAX.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -30,6 +33,8 @@ def _one_voice(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; an error is one line on stderr and exit status 2 (``--debug``: the
+    traceback), an interrupt (Ctrl-C) exit status 130."""
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "coordinator"):  # commands that run the model can join a multi-process run
@@ -38,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
             if initialize(args.coordinator, args.num_processes, args.process_id):
                 _one_voice(args.command)
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"kimi-jax {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\nkimi-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"kimi-jax {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
-
 
 
 if __name__ == "__main__":

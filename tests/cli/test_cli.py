@@ -1,42 +1,64 @@
-"""The command line: demo, generate and chat on the demo's converted checkpoint."""
+"""The command line: demo, generate and chat on the demo's converted checkpoint (the ``demo`` fixture)."""
 
 import io
+import shlex
 import shutil
 
+import numpy as np
 import pytest
 
 import kimi_jax
+from kimi_jax.chat.tokenizer import Tokenizer
+from kimi_jax.cli.common import CONTROL_ESCAPES
 from kimi_jax.cli.main import main
 
 FAST = ["--dtype", "float32", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("demo")
-    with pytest.MonkeyPatch.context() as mp:
-        out = io.StringIO()
-        mp.setattr("sys.stdout", out)
-        assert main(["demo", "--dir", str(work)]) == 0
-    return work / "converted", out.getvalue()
+def model(demo):
+    converted, _ = demo
+    return kimi_jax.load(converted, dtype="float32")
 
 
-def test_demo_generates_text(demo):
-    converted, out = demo
-    assert "4. generating a reply" in out
-    assert "prompt: <|im_user|>user<|im_middle|>Hello! What is the answer?<|im_end|>" in out
-    assert "   output: " in out and "next: kimi-jax generate" in out
+def test_demo_writes_a_working_checkpoint(demo, model):
+    converted, _ = demo
     for name in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (converted / name).is_file()
+    ids = np.arange(1, 9)[None]
+    logits = np.asarray(model(ids))
+    assert logits.shape == (1, 8, model.config.text.vocab_size) and np.isfinite(logits).all()
+    [result] = kimi_jax.generate(model, [[{"role": "user", "content": "Hello!"}]], tokenizer=converted,
+                                 mode="instant", max_new_tokens=8)
+    assert len(result.token_ids) >= 1 and result.text and len(result.prompt_ids) > 3
+
+
+def _printed(parsed) -> str:
+    """What the reply printer shows for a parsed reply (not on a terminal)."""
+    calls = "".join(f"{c.name} {c.raw_arguments}" + (f"  ({c.error})" if c.error else "") + "\n"
+                    for c in parsed.tool_calls)
+    sections = [("thinking", parsed.reasoning), ("answer", parsed.content), ("tool calls", calls)]
+    return "\n".join(f"[{name}]\n{text.translate(CONTROL_ESCAPES)}" for name, text in sections if text) + "\n"
 
 
 @pytest.mark.parametrize("mode, header", [("thinking", "[thinking]"), ("instant", "[answer]")])
-def test_generate_streams_a_chat_reply(demo, capsys, mode, header):
+def test_generate_streams_a_chat_reply(demo, capsys, monkeypatch, mode, header):
     converted, _ = demo
+    results = []
+
+    def spy(model, prompts, **kwargs):
+        results.extend(generate(model, prompts, **kwargs))
+        return results
+
+    generate = kimi_jax.generate
+    monkeypatch.setattr(kimi_jax, "generate", spy)
     assert main(["generate", str(converted), "--prompt", "Hello", "--mode", mode, *FAST]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(header) or "[tool calls]" in out
-    assert "generated" in err and "prompt tokens" in err
+    [result] = results
+    assert out == _printed(result.parsed)  # the streamed reply is the parsed reply, section by section
+    assert out.startswith(header + "\n")  # thinking mode opens with the reasoning, instant with the answer
+    assert (mode == "thinking") == bool(result.parsed.reasoning)
+    assert f"[{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} generated, {result.finish_reason}]" in err
 
 
 def test_generate_raw_and_ids(demo, capsys):
@@ -79,7 +101,17 @@ def test_chat_keeps_history(demo, capsys, monkeypatch):
     assert calls[1][1]["content"] == "Hi there" and calls[1][3]["content"] == "And then?"
 
 
-def test_demo_answers_about_a_picture(demo):
+def test_demo_answers_about_a_picture(demo, capsys):
     converted, out = demo
-    assert "5. asking about a synthetic picture" in out and "6 of them the picture's vision features" in out
-    assert f"kimi-jax generate {converted} --prompt 'What is in this picture?' --image" in out
+    picture = converted.parent / "picture.png"
+    assert picture.is_file()
+    [command] = [line.split("next: ", 1)[1] for line in out.splitlines() if "next: kimi-jax generate" in line]
+    argv = shlex.split(command)[1:]  # the command the demo suggests runs, and sees the picture
+    assert str(picture) in argv
+    assert main([*argv, "--dtype", "float32", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    tokenizer = Tokenizer.from_dir(converted)
+    text_only = len(tokenizer.encode(tokenizer.chat_template.render(
+        [{"role": "user", "content": "What is in this picture?"}], thinking=False)))
+    prompt_tokens = int(err.split("[", 1)[1].split(" prompt tokens")[0])
+    assert prompt_tokens > text_only + 1  # the picture's vision tokens joined the prompt

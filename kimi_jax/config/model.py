@@ -5,6 +5,14 @@ Three spellings are accepted: Moonshot's K2.5 wrapper (``model_type: kimi_k25`` 
 the files transformers 5 writes (``rope_parameters`` instead of ``rope_scaling``). Every
 number comes from the file; derived values are properties. Values this implementation
 does not support raise :class:`UnsupportedConfigError` naming the key.
+
+Every field the model uses is checked when the file is read: integers must be JSON integers
+(not ``true``, ``"3"`` or ``3.5``) within their range (sizes, layer and head counts, ranks and
+experts at least 1), numbers must be finite (``rms_norm_eps`` and ``rope_theta`` positive),
+the MoE routing must be consistent (``n_group`` divides ``n_routed_experts``,
+``1 <= topk_group <= n_group``, ``1 <= num_experts_per_tok <=`` the experts of the kept
+groups), and token ids (``bos`` / ``eos`` / ``pad`` / ``media_placeholder_token_id``) must be
+integers below ``vocab_size`` (negative ones, Hugging Face's "none", are kept). The error names the field and, from :meth:`KimiConfig.from_file`, the file.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,93 @@ class UnsupportedConfigError(ValueError):
 def _require(cond: bool, key: str, value: Any, supported: str) -> None:
     if not cond:
         raise UnsupportedConfigError(f"config: {key}={value!r} is not supported ({supported})")
+
+
+_MISSING = object()
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer: an ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Fields:
+    """Typed, range-checked reads of one config block (a mapping), for error messages named
+    ``{where}{key}`` (``where`` is ``""`` or a block prefix such as ``"text_config."``)."""
+
+    def __init__(self, d: Any, where: str = ""):
+        if not isinstance(d, Mapping):
+            name = where.rstrip(".") or "the config"
+            raise UnsupportedConfigError(f"config: {name} must be a JSON object, got {type(d).__name__} {d!r:.60}")
+        self.d, self.where = d, where
+
+    def _bad(self, key: str, value: Any, what: str) -> UnsupportedConfigError:
+        return UnsupportedConfigError(f"config: {self.where}{key}={value!r:.60} is not supported ({what})")
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        """The value of ``key`` (``None`` counts as absent); ``default`` if absent, else an error."""
+        value = self.d.get(key)
+        if value is None:
+            if default is _MISSING:
+                block = self.where.rstrip(".") or "the config"
+                raise UnsupportedConfigError(f"config: {block} has no {key!r}")
+            return default
+        return value
+
+    def int(self, key: str, default: Any = _MISSING, *, min: int = 1, max: int | None = None,
+            max_name: str = "") -> Any:
+        """An integer in ``[min, max]`` (``default``, possibly None, when absent)."""
+        value = self.raw(key, default)
+        if value is None and default is None:
+            return None
+        if not is_int(value):
+            raise self._bad(key, value, "must be an integer")
+        if value < min or (max is not None and value > max):
+            upper = "" if max is None else f" and <= {max_name or max}"
+            raise self._bad(key, value, f"must be >= {min}{upper}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, *, positive: bool = False, min: float | None = None) -> float:
+        """A finite number (an int or a float, not a bool), > 0 with ``positive``, >= ``min``."""
+        value = self.raw(key, default)
+        if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+            raise self._bad(key, value, "must be a finite number")
+        if positive and value <= 0:
+            raise self._bad(key, value, "must be > 0")
+        if min is not None and value < min:
+            raise self._bad(key, value, f"must be >= {min}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "must be true or false")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any] | None:
+        """A JSON object or absent (None)."""
+        value = self.raw(key, None)
+        if value is not None and not isinstance(value, Mapping):
+            raise self._bad(key, value, "must be a JSON object")
+        return value
+
+    def token_ids(self, key: str, vocab_size: int, *, many: bool = False) -> tuple[int, ...]:
+        """Token ids below ``vocab_size``: one int, or with ``many`` also a list of ints; () if absent.
+
+        Negative ids are accepted, as Hugging Face configs use them (``-1``) for "no such token":
+        no input id can equal one (the model refuses negative ids).
+        """
+        value = self.raw(key, None)
+        if value is None:
+            return ()
+        ids = value if many and isinstance(value, list) else [value]
+        what = "must be a token id" + (" or a list of token ids" if many else "")
+        if not ids or not all(is_int(i) for i in ids):
+            raise self._bad(key, value, what)
+        for i in ids:
+            if i >= vocab_size:
+                raise self._bad(key, value, f"token id {i} is outside the vocabulary [0, {vocab_size})")
+        return tuple(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,89 +195,87 @@ class TextConfig:
         return scale
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
-        """Builds the config from a (text) config dict, checking what is supported."""
-        get = _Getter(d, "text_config")
-        rope_theta, rope_scaling = _read_rope(d)
-        num_heads = get("num_attention_heads")
-        kv_heads = d.get("num_key_value_heads", num_heads)
-        _require(kv_heads == num_heads, "num_key_value_heads", kv_heads, "MLA uses one KV head per query head")
-        _require(d.get("hidden_act", "silu") == "silu", "hidden_act", d.get("hidden_act"), "only silu")
-        _require(not d.get("attention_bias", False), "attention_bias", d.get("attention_bias"), "only false")
-        _require(d.get("moe_layer_freq", 1) == 1, "moe_layer_freq", d.get("moe_layer_freq"), "only 1")
-        _require(d.get("scoring_func", "sigmoid") == "sigmoid", "scoring_func", d.get("scoring_func"), "only sigmoid")
-        _require(d.get("topk_method", "noaux_tc") == "noaux_tc", "topk_method", d.get("topk_method"), "only noaux_tc")
-        _require(not d.get("tie_word_embeddings", False), "tie_word_embeddings", True, "Kimi has an untied lm_head")
-        n_experts = get("n_routed_experts")
-        n_group = d.get("n_group") or 1
-        topk_group = d.get("topk_group") or 1
-        top_k = get("num_experts_per_tok")
-        _require(n_experts % n_group == 0, "n_group", n_group, f"must divide n_routed_experts={n_experts}")
-        _require(1 <= topk_group <= n_group, "topk_group", topk_group, f"must be in [1, n_group={n_group}]")
-        _require(n_experts // n_group >= 2 or n_group == 1, "n_group", n_group, "groups need at least 2 experts")
-        _require(top_k <= topk_group * (n_experts // n_group), "num_experts_per_tok", top_k,
-                 "more than the experts in the kept groups")
-        q_lora = d.get("q_lora_rank")
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "") -> TextConfig:
+        """Builds the config from a (text) config dict, checking every field the model uses.
+
+        ``where`` prefixes the keys in error messages (``"text_config."`` inside K2.5's wrapper).
+        """
+        f = Fields(d, where)
+        rope_theta, rope_scaling = _read_rope(f)
+        num_heads = f.int("num_attention_heads")
+        kv_heads = f.raw("num_key_value_heads", num_heads)
+        _require(kv_heads == num_heads, f"{where}num_key_value_heads", kv_heads,
+                 "MLA uses one KV head per query head")
+        _require(f.raw("hidden_act", "silu") == "silu", f"{where}hidden_act", f.raw("hidden_act", None), "only silu")
+        _require(f.raw("attention_bias", False) is False, f"{where}attention_bias", f.raw("attention_bias", None),
+                 "only false")
+        _require(f.raw("moe_layer_freq", 1) == 1, f"{where}moe_layer_freq", f.raw("moe_layer_freq", None), "only 1")
+        _require(f.raw("scoring_func", "sigmoid") == "sigmoid", f"{where}scoring_func", f.raw("scoring_func", None),
+                 "only sigmoid")
+        _require(f.raw("topk_method", "noaux_tc") == "noaux_tc", f"{where}topk_method", f.raw("topk_method", None),
+                 "only noaux_tc")
+        _require(f.raw("tie_word_embeddings", False) is False, f"{where}tie_word_embeddings",
+                 f.raw("tie_word_embeddings", None), "Kimi has an untied lm_head")
+        n_experts = f.int("n_routed_experts")
+        n_group = f.int("n_group", 1)
+        topk_group = f.int("topk_group", 1, max=n_group, max_name=f"n_group={n_group}")
+        _require(n_experts % n_group == 0, f"{where}n_group", n_group, f"must divide n_routed_experts={n_experts}")
+        _require(n_experts // n_group >= 2 or n_group == 1, f"{where}n_group", n_group,
+                 "groups need at least 2 experts")
+        kept = topk_group * (n_experts // n_group)
+        top_k = f.int("num_experts_per_tok", max=kept,
+                      max_name=f"the {kept} experts of the kept groups" if kept < n_experts
+                      else f"n_routed_experts={n_experts}")
+        rope_dim = f.int("qk_rope_head_dim", min=2)
+        _require(rope_dim % 2 == 0, f"{where}qk_rope_head_dim", rope_dim, "RoPE rotates pairs: must be even")
+        num_layers = f.int("num_hidden_layers")
         return cls(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            moe_intermediate_size=get("moe_intermediate_size"),
-            num_hidden_layers=get("num_hidden_layers"),
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            intermediate_size=f.int("intermediate_size"),
+            moe_intermediate_size=f.int("moe_intermediate_size"),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            q_lora_rank=int(q_lora) if q_lora else None,
-            kv_lora_rank=get("kv_lora_rank"),
-            qk_nope_head_dim=get("qk_nope_head_dim"),
-            qk_rope_head_dim=get("qk_rope_head_dim"),
-            v_head_dim=get("v_head_dim"),
+            q_lora_rank=f.int("q_lora_rank", None),
+            kv_lora_rank=f.int("kv_lora_rank"),
+            qk_nope_head_dim=f.int("qk_nope_head_dim"),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=f.int("v_head_dim"),
             n_routed_experts=n_experts,
             num_experts_per_tok=top_k,
-            n_shared_experts=d.get("n_shared_experts") or 0,
+            n_shared_experts=f.int("n_shared_experts", 0, min=0),
             n_group=n_group,
             topk_group=topk_group,
-            first_k_dense_replace=d.get("first_k_dense_replace", 0),
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            first_k_dense_replace=f.int("first_k_dense_replace", 0, min=0),
+            norm_topk_prob=f.bool("norm_topk_prob", True),
+            routed_scaling_factor=f.number("routed_scaling_factor", 1.0, positive=True),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6, positive=True),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=get("max_position_embeddings"),
-            num_nextn_predict_layers=d.get("num_nextn_predict_layers") or 0,
+            max_position_embeddings=f.int("max_position_embeddings"),
+            num_nextn_predict_layers=f.int("num_nextn_predict_layers", 0, min=0),
         )
 
 
-class _Getter:
-    """Reads required keys with an error naming the missing key."""
-
-    def __init__(self, d: dict[str, Any], where: str):
-        self.d, self.where = d, where
-
-    def __call__(self, key: str) -> Any:
-        if key not in self.d or self.d[key] is None:
-            raise UnsupportedConfigError(f"config: {self.where} has no {key!r}")
-        return self.d[key]
-
-
-def _read_rope(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
+def _read_rope(f: Fields) -> tuple[float, YarnScaling | None]:
     """Reads ``rope_theta`` and YaRN from either ``rope_scaling`` or ``rope_parameters``."""
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta"))
-    if theta is None:
-        raise UnsupportedConfigError("config: text_config has no 'rope_theta'")
-    kind = params.get("rope_type", params.get("type", "default"))
+    key = "rope_parameters" if f.d.get("rope_parameters") else "rope_scaling"
+    params = Fields(f.mapping(key) or {}, f"{f.where}{key}.")
+    theta = (params if params.d.get("rope_theta") is not None else f).number("rope_theta", positive=True)
+    kind = params.raw("rope_type", params.raw("type", "default"))
     if kind == "default":
-        return float(theta), None
-    _require(kind == "yarn", "rope_scaling.type", kind, "only yarn or none")
-    for key in ("factor", "original_max_position_embeddings"):
-        if params.get(key) is None:
-            raise UnsupportedConfigError(f"config: the yarn rope scaling has no {key!r}")
-    return float(theta), YarnScaling(
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        beta_fast=float(params.get("beta_fast", 32.0)),
-        beta_slow=float(params.get("beta_slow", 1.0)),
-        mscale=float(params.get("mscale", 1.0)),
-        mscale_all_dim=float(params.get("mscale_all_dim", 0.0)),
+        return theta, None
+    _require(kind == "yarn", f"{f.where}{key}.type", kind, "only yarn or none")
+    if params.d.get("factor") is None or params.d.get("original_max_position_embeddings") is None:
+        missing = "factor" if params.d.get("factor") is None else "original_max_position_embeddings"
+        raise UnsupportedConfigError(f"config: the yarn rope scaling has no {missing!r}")
+    return theta, YarnScaling(
+        factor=params.number("factor", positive=True),
+        original_max_position_embeddings=params.int("original_max_position_embeddings"),
+        beta_fast=params.number("beta_fast", 32.0),
+        beta_slow=params.number("beta_slow", 1.0),
+        mscale=params.number("mscale", 1.0),
+        mscale_all_dim=params.number("mscale_all_dim", 0.0),
     )
 
 
@@ -202,35 +296,54 @@ class KimiConfig:
     pad_token_id: int | None = None
     media_placeholder_token_id: int | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    eos_token_ids: tuple[int, ...] = ()
+    """Every id of ``eos_token_id`` (the file may give a list); ``eos_token_id`` is the first."""
 
     @property
     def is_multimodal(self) -> bool:
         return self.vision_config is not None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KimiConfig:
-        text_d = d.get("text_config")
-        if text_d is None:
-            if "hidden_size" not in d:
-                raise UnsupportedConfigError("config: neither a 'text_config' nor a text model's keys")
-            text_d = d
-        quant = text_d.get("quantization_config") or d.get("quantization_config")
+    def from_dict(cls, d: Mapping[str, Any]) -> KimiConfig:
+        """Builds and checks the config from a ``config.json``'s contents (see the module doc)."""
+        top = Fields(d)
+        if d.get("text_config") is not None:
+            text_f = Fields(d["text_config"], "text_config.")
+        elif "hidden_size" in d:
+            text_f = top
+        else:
+            raise UnsupportedConfigError("config: neither a 'text_config' nor a text model's keys")
+        text = TextConfig.from_dict(text_f.d, where=text_f.where)
+        quant = text_f.mapping("quantization_config") or top.mapping("quantization_config")
+        vision = top.mapping("vision_config")
+        model_type = top.raw("model_type", text_f.raw("model_type", "deepseek_v3"))
+        _require(isinstance(model_type, str), "model_type", model_type, "must be a string")
+
+        def ids(key: str, *, many: bool = False) -> tuple[int, ...]:
+            f = top if top.d.get(key) is not None else text_f
+            return f.token_ids(key, text.vocab_size, many=many)
+
+        eos = ids("eos_token_id", many=True)
+        media = ids("media_placeholder_token_id")
+        if vision is not None:
+            _check_vision(vision, text, media)
         return cls(
-            text=TextConfig.from_dict(text_d),
-            model_type=d.get("model_type", text_d.get("model_type", "deepseek_v3")),
-            vision_config=d.get("vision_config"),
+            text=text,
+            model_type=model_type,
+            vision_config=vision,
             quantization_config=quant,
-            bos_token_id=d.get("bos_token_id", text_d.get("bos_token_id")),
-            eos_token_id=d.get("eos_token_id", text_d.get("eos_token_id")),
-            pad_token_id=d.get("pad_token_id", text_d.get("pad_token_id")),
-            media_placeholder_token_id=d.get("media_placeholder_token_id"),
+            bos_token_id=next(iter(ids("bos_token_id")), None),
+            eos_token_id=eos[0] if eos else None,
+            pad_token_id=next(iter(ids("pad_token_id")), None),
+            media_placeholder_token_id=media[0] if media else None,
             raw=d,
+            eos_token_ids=eos,
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> KimiConfig:
-        """Reads ``config.json`` (or the ``config.json`` inside a folder)."""
-        path = Path(path)
+        """Reads ``config.json`` (or the ``config.json`` inside a folder); errors name the file."""
+        path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
         if path.is_dir():
@@ -239,12 +352,26 @@ class KimiConfig:
             raise FileNotFoundError(f"no config file at {path}")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except UnsupportedConfigError as e:
+            raise UnsupportedConfigError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.raw, indent=2, sort_keys=False)
+
+
+def _check_vision(vision: Mapping[str, Any], text: TextConfig, media: tuple[int, ...]) -> None:
+    """The vision block's own checks (``VisionConfig.from_dict``) and how it meets the decoder."""
+    from kimi_jax.model.vision import VisionConfig  # the model imports this module
+
+    cfg = VisionConfig.from_dict(vision)
+    _require(cfg.text_hidden_size == text.hidden_size, "vision_config.text_hidden_size", cfg.text_hidden_size,
+             f"must equal the decoder's hidden_size={text.hidden_size}")
+    if not media:
+        raise UnsupportedConfigError("config: a vision_config needs a 'media_placeholder_token_id'")
 
 
 def builtin_config_dir(name: str = "kimi-k2.5") -> Path:

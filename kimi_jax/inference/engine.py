@@ -41,6 +41,7 @@ from flax import nnx
 from kimi_jax.inference.sampling import Sampling, sample
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.cache import KVCache
+from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi, media_grids
 from kimi_jax.model.mla import absorbed_is_cheaper
 from kimi_jax.model.vision import Grid
@@ -128,16 +129,10 @@ class Engine:
         )
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]], start: Sequence[int], cache_length: int) -> None:
-        """Raises ``ValueError`` for an empty prompt, an id outside the vocabulary, or a prompt
-        that does not fit after ``start`` cached tokens in the cache or the model's context."""
-        V, context = self.config.vocab_size, self.config.max_position_embeddings
+        """Raises ``ValueError`` for a prompt that does not fit after ``start`` cached tokens in
+        the cache or the model's context (the ids themselves are checked by :func:`check_prompts`)."""
+        context = self.config.max_position_embeddings
         for i, (prompt, offset) in enumerate(zip(prompts, start, strict=True)):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            ids = np.asarray(prompt)
-            bad = ids[(ids < 0) | (ids >= V)]
-            if bad.size:
-                raise ValueError(f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {V})")
             end = offset + len(prompt)
             where = f"prompt {i} has {len(prompt)} tokens" + (f" after {offset} cached" if offset else "")
             if end > context:
@@ -163,7 +158,7 @@ class Engine:
             raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
         if len(prompts) != cache.batch:
             raise ValueError(f"{len(prompts)} prompts for a cache of batch {cache.batch}")
-        prompts = [[int(t) for t in p] for p in prompts]
+        prompts = check_prompts(prompts, self.config.vocab_size)
         self._check_prompts(prompts, to_host(cache.lengths).tolist(), cache.length)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = min(chunk, _next_power_of_two(int(lengths.max())))
@@ -238,7 +233,7 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(prompts) == 0:
             raise ValueError("no prompts given")
-        prompts = [[int(t) for t in p] for p in prompts]
+        prompts = check_prompts(prompts, self.config.vocab_size)
         lengths = np.array([len(p) for p in prompts])
         context = self.config.max_position_embeddings
         if cache_length is None:

@@ -178,10 +178,26 @@ def _attach_media(
 
 
 def generation_stop_ids(folder: str | Path) -> list[int]:
-    """The ``eos_token_id`` of a checkpoint folder's ``generation_config.json`` (an id or a list), if any."""
-    path = Path(folder) / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    """The ``eos_token_id`` of a checkpoint folder's ``generation_config.json`` (an id or a list), if any.
+
+    ``ValueError`` naming the file if it is not JSON or the value is not a token id or a list of them.
+    """
+    path = Path(folder).expanduser() / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    eos = d.get("eos_token_id")
+    if eos is None:
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id={eos!r:.60} is not a token id or a list of token ids")
+    return list(ids)
 
 
 def generate(

@@ -27,6 +27,7 @@ from flax import nnx
 from kimi_jax.config.model import KimiConfig, UnsupportedConfigError
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.decoder import TextModel
+from kimi_jax.model.inputs import check_token_ids
 from kimi_jax.model.moe import MoE
 from kimi_jax.model.vision import (
     Grid,
@@ -117,8 +118,10 @@ class Kimi(nnx.Module):
         ``kimi_jax.media.preprocess.preprocess_media`` returns them) are the media of all
         rows in order; ``input_ids`` then hold one ``<|media_pad|>`` per media token
         (expanded, see the module doc). ``positions`` default to 0..T-1; ``attention_mask``
-        [B, T] marks real tokens.
+        [B, T] marks real tokens. Ids are checked by :func:`kimi_jax.model.inputs.check_token_ids`
+        (out-of-range ids raise; under ``jit`` they give NaN logits).
         """
+        input_ids = check_token_ids(input_ids, self.config.text.vocab_size)
         ids = jnp.asarray(input_ids)
         grids = self._media_grids(input_ids, pixel_values, grid_thws)
         pixels = None if not grids else jnp.asarray(pixel_values)
@@ -128,6 +131,7 @@ class Kimi(nnx.Module):
                      grid_thws: Any = None) -> jax.Array:
         """The decoder's input embeddings [B, T, D]: token embeddings with the media features
         spliced in (arguments as for ``__call__``)."""
+        input_ids = check_token_ids(input_ids, self.config.text.vocab_size)
         grids = self._media_grids(input_ids, pixel_values, grid_thws)
         ids = jnp.asarray(input_ids)
         pixels = None if not grids else jnp.asarray(pixel_values)

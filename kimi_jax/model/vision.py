@@ -32,7 +32,7 @@ hidden size) and ``norm`` for LayerNorm scales and biases.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from kimi_jax.config.model import UnsupportedConfigError
+from kimi_jax.config.model import Fields, UnsupportedConfigError, is_int
 from kimi_jax.model.layers import apply_rope, weight
 
 Grid = tuple[int, int, int]
@@ -92,16 +92,13 @@ class VisionConfig:
         return (h // kh) * (w // kw)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """Reads Moonshot's ``vision_config``; unsupported values raise UnsupportedConfigError.
+    def from_dict(cls, d: Mapping[str, Any]) -> VisionConfig:
+        """Reads Moonshot's ``vision_config``; unsupported values (wrong types included) raise
+        UnsupportedConfigError naming the key.
 
         ``_attn_implementation`` is ignored: attention always stays within each medium.
         """
-
-        def get(key: str) -> Any:
-            if d.get(key) is None:
-                raise UnsupportedConfigError(f"config: vision_config has no {key!r}")
-            return d[key]
+        f = Fields(d, "vision_config.")
 
         def require(key: str, supported: Sequence[Any]) -> None:
             if key in d and d[key] not in supported:
@@ -114,25 +111,25 @@ class VisionConfig:
         require("mm_projector_type", ["patchmerger"])
         require("projector_hidden_act", ["gelu"])
         require("video_attn_type", ["spatial_temporal"])
-        kernel = get("merge_kernel_size")
-        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-        if len(kernel) != 2 or min(kernel) < 1:
+        kernel = f.raw("merge_kernel_size")
+        kernel = (kernel, kernel) if is_int(kernel) else kernel
+        if not isinstance(kernel, (list, tuple)) or len(kernel) != 2 or not all(is_int(k) and k >= 1 for k in kernel):
             raise UnsupportedConfigError(
                 f"config: vision_config.merge_kernel_size={kernel!r} must be two positive ints"
             )
         cfg = cls(
-            hidden_size=get("vt_hidden_size"),
-            num_hidden_layers=get("vt_num_hidden_layers"),
-            num_attention_heads=get("vt_num_attention_heads"),
-            intermediate_size=get("vt_intermediate_size"),
-            patch_size=get("patch_size"),
-            pos_emb_height=get("init_pos_emb_height"),
-            pos_emb_width=get("init_pos_emb_width"),
-            pos_emb_time=get("init_pos_emb_time"),
-            merge_kernel_size=kernel,
-            mm_hidden_size=get("mm_hidden_size"),
-            text_hidden_size=get("text_hidden_size"),
-            projector_ln_eps=float(d.get("projector_ln_eps", 1e-5)),
+            hidden_size=f.int("vt_hidden_size"),
+            num_hidden_layers=f.int("vt_num_hidden_layers"),
+            num_attention_heads=f.int("vt_num_attention_heads"),
+            intermediate_size=f.int("vt_intermediate_size"),
+            patch_size=f.int("patch_size"),
+            pos_emb_height=f.int("init_pos_emb_height"),
+            pos_emb_width=f.int("init_pos_emb_width"),
+            pos_emb_time=f.int("init_pos_emb_time"),
+            merge_kernel_size=tuple(kernel),
+            mm_hidden_size=f.int("mm_hidden_size"),
+            text_hidden_size=f.int("text_hidden_size"),
+            projector_ln_eps=f.number("projector_ln_eps", 1e-5, positive=True),
         )
         if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
             raise UnsupportedConfigError(

@@ -1,3 +1,3 @@
-"""Chat formatting: the tiktoken tokenizer, K2.5's special tokens, the chat template,
-tool declarations (JSON schema -> TypeScript) and the output parser (reasoning, answer,
-tool calls)."""
+"""Chat formatting: the tiktoken tokenizer, K2.5's special tokens, the chat template (rendered in a
+sandbox with limits), conversation checks, tool declarations (JSON schema -> TypeScript) and the
+output parser (reasoning, answer, tool calls)."""

@@ -29,8 +29,11 @@ class ToolCall:
     """One tool call written by the model.
 
     ``name`` is read from ``id`` (``functions.NAME:INDEX``). ``arguments`` is the parsed JSON
-    object of ``raw_arguments``, or ``None`` when that text is not a JSON object. ``error``
-    says what was wrong (cut off, missing markers, bad JSON, odd id), or is ``None``.
+    object of ``raw_arguments``, or ``None`` when that text is not a standard JSON object:
+    invalid JSON, nested deeper than :data:`MAX_ARGUMENT_DEPTH` levels, or holding ``NaN`` /
+    ``Infinity`` / ``-Infinity`` or a number too large for a float (``1e999``). ``error`` says
+    what was wrong (cut off, missing markers, bad or non-standard JSON, too deep, odd id), or
+    is ``None``. ``raw_arguments`` is always the text as the model wrote it.
     """
 
     id: str
@@ -52,7 +55,8 @@ class ParsedOutput:
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
 
     def to_message(self) -> dict[str, Any]:
-        """The assistant message to append to the conversation (arguments kept as written)."""
+        """The assistant message to append to the conversation (arguments kept as written:
+        ``raw_arguments``, never re-serialized)."""
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.reasoning:
             message["reasoning_content"] = self.reasoning
@@ -77,13 +81,68 @@ _JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number",
 _REASONING, _CONTENT, _SECTION, _CALL_ID, _CALL_ARGS, _DONE = range(6)
 
 
+MAX_ARGUMENT_DEPTH = 100
+"""Tool-call arguments nested deeper than this many lists / objects are reported, not parsed."""
+
+_JSON_STRUCTURE_RE = re.compile(r'[\[\]{}"\\]')
+
+
+def _json_depth(raw: str) -> int:
+    """Deepest ``[`` / ``{`` nesting of JSON-like text, outside strings (no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    escape_at = -2
+    for match in _JSON_STRUCTURE_RE.finditer(raw):
+        ch = match.group()
+        if in_string:
+            if escaped:
+                escaped = False
+                if match.start() == escape_at + 1:
+                    continue
+            if ch == "\\":
+                escaped, escape_at = True, match.start()
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string, escaped = True, False
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+class _NonStandardNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonStandardNumber(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NonStandardNumber(f"{text} (too large for a float)")
+    return value
+
+
 def _parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     if not raw.strip():
         return None, "empty arguments"
+    if _json_depth(raw) > MAX_ARGUMENT_DEPTH:
+        return None, f"arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels"
     try:
-        value = json.loads(raw, strict=False)
+        value = json.loads(raw, strict=False, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonStandardNumber as e:
+        return None, f"arguments are not standard JSON: {e}"
     except json.JSONDecodeError as e:
         return None, f"arguments are not valid JSON ({e})"
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return None, f"arguments are not standard JSON: {e}"
+    except RecursionError:
+        return None, "arguments nest too deep"
     if not isinstance(value, dict):
         return None, f"arguments are a JSON {_JSON_TYPE_NAMES[type(value)]}, not an object"
     return value, None

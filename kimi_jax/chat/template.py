@@ -10,7 +10,10 @@ the tokenizer was passed.
 Both prepare their inputs as Moonshot's tokenizer does: tools are key-sorted and declared as
 a TypeScript-style namespace (``kimi_jax.chat.tools``), and, as in transformers 5, message
 keys whose value is ``None`` are dropped and a message's reasoning may come as
-``reasoning_content``, ``thinking`` or ``reasoning``.
+``reasoning_content``, ``thinking`` or ``reasoning``. Conversations are checked first
+(:func:`kimi_jax.chat.validate.validate_messages`): a malformed message is a ``ValueError``
+naming it, never content silently left out of the prompt. Jinja templates render in a
+sandbox with size, loop and time limits (:mod:`kimi_jax.chat.sandbox`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from kimi_jax.chat.sandbox import (
+    LimitedSandbox,
+    RenderLimits,
+    new_environment,
+    render_limited,
+)
 from kimi_jax.chat.special import (
     IM_ASSISTANT,
     IM_END,
@@ -42,19 +49,21 @@ from kimi_jax.chat.special import (
     TOOL_CALLS_SECTION_END,
     VIDEO_PLACEHOLDER,
 )
-from kimi_jax.chat.tools import prepare_tools
-
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+from kimi_jax.chat.tools import prepare_tools, tools_json
+from kimi_jax.chat.validate import REASONING_KEYS, standard_json, validate_messages
 
 
 def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of the messages without ``None`` values, reasoning under ``reasoning_content``."""
+    """Copies of the messages, checked (:func:`validate_messages`), without ``None`` values,
+    reasoning under ``reasoning_content``."""
+    if isinstance(messages, str | bytes | Mapping):
+        raise ValueError(f"a conversation is a list of messages, got {type(messages).__name__}")
+    messages = list(messages)
+    validate_messages(messages)
     out = []
     for message in messages:
-        if not isinstance(message, Mapping):
-            raise TypeError(f"a chat message must be a mapping, got {type(message).__name__}")
         message = {k: v for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
+        reasoning = next((message[k] for k in REASONING_KEYS if k in message), None)
         if reasoning is not None:
             message["reasoning_content"] = reasoning
         out.append(message)
@@ -62,40 +71,35 @@ def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str,
 
 
 def _render_content(content: Any) -> str:
+    """A validated message's content (see :mod:`kimi_jax.chat.validate`)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if not isinstance(content, (list, tuple)):
-        raise TypeError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     out = []
     for part in content:
-        if not isinstance(part, Mapping):
-            raise TypeError(f"a content part must be a mapping, got {type(part).__name__}")
-        kind = part.get("type")
+        kind = part["type"]
         if kind in ("image", "image_url"):
             out.append(IMAGE_PLACEHOLDER + "\n")
         elif kind in ("video", "video_url"):
             out.append(VIDEO_PLACEHOLDER + "\n")
         else:
-            out.append(str(part.get("text", "")))
+            out.append(part.get("text", ""))
     return "".join(out)
 
 
 def _render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     out = [TOOL_CALLS_SECTION_BEGIN]
-    for call in tool_calls:
+    for j, call in enumerate(tool_calls):
         args = call["function"]["arguments"]
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
-        out.append(f"{TOOL_CALL_BEGIN}{call.get('id', '')}{TOOL_CALL_ARGUMENT_BEGIN}{args}{TOOL_CALL_END}")
+        if not isinstance(args, str):  # standard JSON only: never NaN / Infinity
+            args = standard_json(args, f"tool call {j} arguments")
+        out.append(f"{TOOL_CALL_BEGIN}{call['id']}{TOOL_CALL_ARGUMENT_BEGIN}{args}{TOOL_CALL_END}")
     out.append(TOOL_CALLS_SECTION_END)
     return "".join(out)
 
 
 def _render_message(message: Mapping[str, Any], keep_reasoning: bool) -> str:
-    if "role" not in message:
-        raise ValueError(f"chat message without a role: {message!r}")
     role = message["role"]
     opener = {"user": IM_USER, "assistant": IM_ASSISTANT}.get(role, IM_SYSTEM)
     out = [f"{opener}{message.get('name') or role}{IM_MIDDLE}"]
@@ -122,14 +126,15 @@ def render(
 ) -> str:
     """The K2.5 prompt for ``messages``, exactly as the official ``chat_template.jinja`` writes it.
 
-    Messages are OpenAI-style dicts: ``role`` (system, user, assistant, tool; any other role
-    is written as a system turn), optional ``name`` (replaces the role in the header),
+    Messages are OpenAI-style dicts: ``role`` (system, user, assistant, tool, or developer,
+    written as a system turn), optional ``name`` (replaces the role in the header),
     ``content`` (a string or a list of parts of type text, image / image_url, video /
     video_url), and for assistants ``reasoning_content`` and ``tool_calls``
     (``{"id", "function": {"name", "arguments"}}``, arguments a JSON string or a dict); tool
     results carry ``tool_call_id``. Image and video parts become placeholders here; their
     media are read by ``kimi_jax.media.placeholders.conversation_media`` (``kimi_jax.generate``
-    does both).
+    does both). Conversations are checked first (:mod:`kimi_jax.chat.validate`: ``ValueError``
+    naming the message, and the part or tool call).
 
     Reasoning is written only for assistant messages after the last assistant message
     without tool calls (the current tool-using turn), and only in thinking mode; earlier
@@ -140,7 +145,7 @@ def render(
     tools, tools_ts = prepare_tools(tools)
     out = []
     if tools:
-        declaration = tools_ts or json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+        declaration = tools_ts or tools_json(tools)
         out.append(f"{IM_SYSTEM}tool_declare{IM_MIDDLE}{declaration}{IM_END}")
     current_turn = next(
         (i + 1 for i in range(len(messages) - 1, -1, -1)
@@ -155,7 +160,9 @@ def render(
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    """transformers' ``tojson`` filter, standard JSON only (NaN / Infinity raise ``ValueError``)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
+                      allow_nan=False)
 
 
 def _raise_exception(message: str) -> None:
@@ -163,10 +170,12 @@ def _raise_exception(message: str) -> None:
 
 
 @functools.cache
-def _jinja_environment() -> ImmutableSandboxedEnvironment:
-    """The sandboxed Jinja environment transformers renders chat templates in."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+def _jinja_environment() -> LimitedSandbox:
+    """The sandboxed Jinja environment transformers renders chat templates in, with limits
+    (:mod:`kimi_jax.chat.sandbox`)."""
+    env = new_environment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = _tojson
+    env.guard_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -176,11 +185,26 @@ class ChatTemplate:
     """A conversation renderer: a Jinja chat template, or the built-in K2.5 :func:`render`.
 
     ``ChatTemplate(source)`` compiles a Jinja template; ``ChatTemplate()`` is the built-in.
+    ``origin`` names where the source came from in errors (a syntax error is a ``ValueError``
+    naming it and the line). ``limits`` bound each render of a Jinja template (output size,
+    sizes of strings and lists built, loop iterations, time; see
+    :class:`~kimi_jax.chat.sandbox.RenderLimits`); past one, rendering raises
+    :class:`~kimi_jax.chat.sandbox.TemplateLimitError`, a ``ValueError``.
     """
 
-    def __init__(self, source: str | None = None):
+    def __init__(self, source: str | None = None, *, origin: str = "chat template",
+                 limits: RenderLimits | None = None):
         self.source = source
-        self._template = None if source is None else _jinja_environment().from_string(source)
+        self.limits = limits or RenderLimits()
+        if source is None:
+            self._template = None
+            return
+        if not isinstance(source, str):
+            raise ValueError(f"{origin}: the chat template is a {type(source).__name__}, not a string")
+        try:
+            self._template = _jinja_environment().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{origin}, line {e.lineno}: template syntax error: {e.message}") from None
 
     @property
     def is_builtin(self) -> bool:
@@ -198,7 +222,7 @@ class ChatTemplate:
         path = Path(path)
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            return cls(jinja_file.read_text(encoding="utf-8"))
+            return cls(jinja_file.read_text(encoding="utf-8"), origin=str(jinja_file))
         config_file = path / "tokenizer_config.json"
         if not config_file.is_file():
             return cls()
@@ -211,7 +235,7 @@ class ChatTemplate:
             if "default" not in named:
                 raise ValueError(f"{config_file}: chat_template lists no template named 'default'")
             template = named["default"]
-        return cls(template)
+        return cls(template, origin=f"{config_file} (chat_template)")
 
     def render(
         self,
@@ -242,4 +266,4 @@ class ChatTemplate:
         }
         if tools_ts is not None:
             variables["tools_ts_str"] = tools_ts
-        return self._template.render(**variables, **template_vars)
+        return render_limited(self._template, {**variables, **template_vars}, self.limits)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import tiktoken.load
 
 from kimi_jax.chat import special
 from kimi_jax.chat.template import ChatTemplate
+from kimi_jax.chat.tools import check_tools
+from kimi_jax.chat.validate import validate_messages
 
 RANK_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -130,6 +133,60 @@ def _byte_to_unicode() -> dict[int, str]:
 _NAMED_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
+_MAX_ESCAPE_DEPTH = 200
+
+
+def _strings(value: Any, out: list[str], depth: int = 0) -> None:
+    """Collect the strings (keys included) of nested mappings / lists / tuples into ``out``."""
+    if isinstance(value, str):
+        out.append(value)
+    elif depth < _MAX_ESCAPE_DEPTH and isinstance(value, Mapping):
+        for k, v in value.items():
+            _strings(k, out, depth + 1)
+            _strings(v, out, depth + 1)
+    elif depth < _MAX_ESCAPE_DEPTH and isinstance(value, list | tuple):
+        for v in value:
+            _strings(v, out, depth + 1)
+
+
+class _Escaper:
+    """Replaces special-token strings inside conversation data by ``S{index}S`` (``S`` a
+    private-use character the data does not contain) and restores them after rendering."""
+
+    def __init__(self, pattern: re.Pattern[str], sentinel: str):
+        self.pattern = pattern
+        self.sentinel = sentinel
+        self.table: list[str] = []
+        self._restore_re = re.compile(f"{sentinel}(\\d+){sentinel}")
+        escaped = f"\\\\u{ord(sentinel):04x}"  # the sentinel as json.dumps(ensure_ascii=True) writes it
+        self._restore_json_re = re.compile(f"{escaped}(\\d+){escaped}")
+
+    def _sub(self, match: re.Match[str]) -> str:
+        self.table.append(match.group())
+        return f"{self.sentinel}{len(self.table) - 1}{self.sentinel}"
+
+    def escape(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.pattern.sub(self._sub, value) if self.pattern.search(value) else value
+        if depth >= _MAX_ESCAPE_DEPTH:
+            return value
+        if isinstance(value, Mapping):
+            return {self.escape(k, depth + 1): self.escape(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.escape(v, depth + 1) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self.escape(v, depth + 1) for v in value)
+        return value
+
+    def restore(self, text: str) -> str:
+        def original(match: re.Match[str]) -> str:
+            index = int(match.group(1))
+            return self.table[index] if index < len(self.table) else match.group()
+
+        return self._restore_json_re.sub(original, self._restore_re.sub(original, text))
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -202,12 +259,59 @@ class Tokenizer:
         thinking: bool = True,
         add_generation_prompt: bool = True,
         template: ChatTemplate | None = None,
+        postprocess: Callable[[str], str] | None = None,
     ) -> list[int]:
         """Token ids of the prompt for ``messages``, rendered with ``template`` (default:
-        :attr:`chat_template`)."""
+        :attr:`chat_template`).
+
+        Only the special tokens the template itself writes become special ids. Everything
+        the conversation brings is data: special-token strings (``<|im_end|>``, ``<think>``,
+        ``[EOS]``, reserved tokens, ...) and ``<|kimi_k25_video_placeholder|>`` typed in
+        message content, names, reasoning, tool-call ids and arguments, tool results or tool
+        declarations are encoded as the plain text they are, so a message cannot end its own
+        turn and open another. Conversations without such strings get exactly the ids of
+        ``encode(template.render(...))``. ``postprocess`` edits the rendered text before it
+        is encoded (``kimi_jax.generate`` inserts video chunk prompts with it); special-token
+        strings it writes are special. To encode a prompt with specials typed by hand, use
+        :meth:`encode` (``allow_special=True``).
+        """
         template = template or self.chat_template
+        messages = messages if isinstance(messages, str | bytes | Mapping) else list(messages)
+        validate_messages(messages)
+        if tools is not None:
+            check_tools(tools)
+        strings: list[str] = []
+        _strings(messages, strings)
+        _strings(tools, strings)
+        escaper = None
+        if any(self._data_specials_re.search(s) for s in strings):
+            used = set(_PRIVATE_USE.findall("".join([*strings, template.source or ""])))
+            sentinel = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used)
+            escaper = _Escaper(self._data_specials_re, sentinel)
+            messages, tools = escaper.escape(messages), escaper.escape(tools)
         text = template.render(messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, allow_special=True)
+        if postprocess is not None:
+            text = postprocess(text)
+        if escaper is None:
+            return self.encode(text, allow_special=True)
+        ids: list[int] = []
+        for k, piece in enumerate(self._special_split_re.split(text)):
+            if k % 2:
+                ids.append(self._special[piece])
+            elif piece:
+                ids.extend(self.encode(escaper.restore(piece), allow_special=False))
+        return ids
+
+    @functools.cached_property
+    def _special_split_re(self) -> re.Pattern[str]:
+        """Splits text at special-token strings (captured), longest first, as tiktoken does."""
+        return re.compile("(" + "|".join(map(re.escape, sorted(self._special, key=len, reverse=True))) + ")")
+
+    @functools.cached_property
+    def _data_specials_re(self) -> re.Pattern[str]:
+        """What conversation data may not bring as markup: special-token strings and the video placeholder."""
+        strings = sorted([*self._special, special.VIDEO_PLACEHOLDER], key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, strings)))
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``.

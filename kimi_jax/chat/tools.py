@@ -10,10 +10,34 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+from kimi_jax.chat.validate import standard_json
+
 logger = logging.getLogger(__name__)
 
+
 class ToolSchemaError(ValueError):
-    """A tool's JSON schema uses something the TypeScript-style declaration cannot express."""
+    """A tool's JSON schema uses something the TypeScript-style declaration cannot express,
+    or the tools are not declarable at all (nested deeper than
+    :data:`~kimi_jax.chat.validate.MAX_JSON_DEPTH` levels, NaN / Infinity, values JSON cannot hold)."""
+
+
+def check_tools(tools: Any) -> None:
+    """:class:`ToolSchemaError` unless ``tools`` is a list of mappings that is standard JSON
+    nested at most :data:`~kimi_jax.chat.validate.MAX_JSON_DEPTH` deep (checked without recursion)."""
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise ToolSchemaError(f"tools must be a list of tool mappings, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ToolSchemaError(f"tool {i} is a {type(tool).__name__}, not a mapping")
+    try:
+        standard_json(list(tools), "tools")
+    except ValueError as e:
+        raise ToolSchemaError(f"cannot declare the {e}") from None
+
+
+def tools_json(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The compact JSON declaration the template writes when there is no TypeScript one."""
+    return json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 _TS_INDENT = "  "
@@ -265,9 +289,12 @@ def tools_to_typescript(tools: Sequence[Mapping[str, Any]] | None) -> str:
 
     ``tools`` are OpenAI-style ``{"type": "function", "function": {name, description,
     parameters}}``; other tool types are skipped, and ``""`` is returned when none is left.
-    Raises :class:`ToolSchemaError` for schemas it cannot express.
+    Raises :class:`ToolSchemaError` for schemas it cannot express, and for tools that are not
+    standard JSON or nest too deep (:func:`check_tools`).
     """
-    return _sorted_tools_to_typescript(_deep_sort(list(tools or [])))
+    tools = list(tools or [])
+    check_tools(tools)
+    return _sorted_tools_to_typescript(_deep_sort(tools))
 
 
 def _sorted_tools_to_typescript(tools: list[Any]) -> str:
@@ -282,9 +309,14 @@ def _sorted_tools_to_typescript(tools: list[Any]) -> str:
 
 
 def prepare_tools(tools: Sequence[Mapping[str, Any]] | None) -> tuple[list[Any] | None, str | None]:
-    """Key-sorted tools and their TypeScript declaration (``None`` if the schemas cannot be expressed)."""
+    """Key-sorted tools and their TypeScript declaration (``None`` if the schemas cannot be
+    expressed: the template then declares them as JSON).
+
+    :class:`ToolSchemaError` if the tools cannot be declared at all (:func:`check_tools`).
+    """
     if tools is None:
         return None, None
+    check_tools(tools)
     tools = _deep_sort(list(tools))
     if not tools:
         return tools, None

@@ -99,7 +99,12 @@ def _encode_prompt(
     i: int, prompt: Any, tokenizer: Tokenizer | None, template: ChatTemplate | None, tools: Any, thinking: bool,
     preprocessor: PreprocessConfig,
 ) -> _Prompt:
-    """Token ids of one prompt; a conversation's media are read and preprocessed too."""
+    """Token ids of one prompt; a conversation's media are read and preprocessed too.
+
+    A string is a raw prompt: special-token strings in it become special ids (write the
+    chat format by hand). A conversation is encoded with ``Tokenizer.encode_chat``: only the
+    template's own special tokens are special, special-token strings in messages are text.
+    """
     if isinstance(prompt, Mapping):
         raise TypeError(f"prompt {i} is a single message; pass conversations as a list of them: [messages]")
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):
@@ -110,11 +115,12 @@ def _encode_prompt(
             return _Prompt(tokenizer.encode(prompt), False)
         try:
             media = conversation_media(prompt)
-            text = insert_video_chunks(template.render(prompt, tools=tools, thinking=thinking), media)
+            ids = tokenizer.encode_chat(prompt, tools=tools, thinking=thinking, template=template,
+                                        postprocess=lambda text: insert_video_chunks(text, media))
             pixels = preprocess_conversation_media(media, preprocessor) if media else None
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-        return _Prompt(tokenizer.encode(text), True, pixels)
+        return _Prompt(ids, True, pixels)
     if _is_token_ids(prompt):
         return _Prompt([int(t) for t in prompt], False)
     raise TypeError(

@@ -21,22 +21,14 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.config.model import KimiConfig, builtin_config_dir
-from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.model.kimi import Kimi
 from kimi_jax.parallel import Parallel
+from kimi_jax.testing.models import random_model
 
 
 def build(config: KimiConfig, mesh_spec: str, expert_format: str) -> Kimi:
-    parallel = Parallel.create(mesh_spec)
-
-    def make() -> Kimi:
-        return Kimi(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format=expert_format, parallel=parallel)
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = parallel.state_shardings(abstract)
-    pure = jax.jit(lambda: nnx.state(make()).to_pure_dict(), out_shardings=shardings)()
-    nnx.replace_by_pure_dict(abstract, pure)
-    return nnx.merge(graphdef, abstract)
+    return random_model(config, expert_format=expert_format, parallel=Parallel.create(mesh_spec))
 
 
 def memory() -> list[dict]:
@@ -64,7 +56,8 @@ def main() -> None:
     raw["num_hidden_layers"] = args.layers
     if args.tiny:
         raw.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16,
-                   num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, vocab_size=1024)
+                   num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, vocab_size=1024,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config = KimiConfig.from_dict(raw)
     t0 = time.perf_counter()
     model = build(config, args.mesh, args.experts)
@@ -72,7 +65,7 @@ def main() -> None:
     init_s = time.perf_counter() - t0
     params_mem = memory()
 
-    engine = Engine(model)
+    engine = BatchEngine(model)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, config.text.vocab_size, args.prompt)) for _ in range(args.batch)]
     length = args.prompt + args.decode + 128

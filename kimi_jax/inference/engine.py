@@ -1,261 +1,443 @@
-"""Batched generation on the compressed MLA cache: compiled prefill / decode steps and the token loop.
+"""The serving engine: requests come and go in a fixed set of cache slots.
 
-One pure step serves both phases, :func:`extend_step`: (parameters, tokens, counts, cache)
--> (logits at each row's last new token, cache), jit-compiled with the cache donated, so the
-cache is updated in place. Positions are not passed: row ``b``'s new tokens continue at
-``cache.lengths[b]``.
+``Engine(model, max_slots, max_length, prefill_chunk)`` owns one compressed MLA cache of
+``max_slots`` sequences x ``max_length`` tokens and the per-slot decoding state, all on the
+device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 
-- **Padding**: prompts are right-padded. Each row's tokens sit at positions 0, 1, ... of its
-  own, exactly as if it ran alone, and no position offsets or key-padding masks are needed.
-- **Prefill** feeds the prompts in chunks of at most ``prefill_chunk`` tokens; each chunk's
-  latents are written into the cache, then its queries attend over the cache (earlier
-  chunks included), in MLA's expanded or absorbed form, whichever costs fewer flops for
-  the chunk's length (:func:`kimi_jax.model.mla.absorbed_is_cheaper`; expanded from about
-  170 tokens for K2.5).
-- **Decode** feeds one token per row and always uses the absorbed form: the cache is never
-  expanded to per-head keys and values. Finished rows are fed with a count of 0, so their
-  cache and length stay as they are.
-- **Media**: a prefill may carry the prompts' media (``pixel_values`` / ``grid_thws``, the
-  prompts holding one ``<|media_pad|>`` per media token). The vision tower encodes them once
-  (:func:`embed_step`), the features are spliced into the prompts' embeddings, and the
-  chunks are fed as embeddings instead of ids; decode is unchanged.
-- **Long caches** are attended in key blocks with an online softmax (``MLA.attend_cache``),
-  so a step's scores are [B, N, T, key block] within :data:`SCORE_BYTES` per layer (never
-  prompt x prompt, nor chunk x whole cache), and blocks past the last position are not read.
+1. admits waiting requests into free slots, reusing cached prefixes (below);
+2. dispatches one decode step for every running slot: the next token of each is sampled
+   on the device with the slot's own temperature, top-p, top-k and seed, and stop ids and
+   token budgets are applied there, so a finished slot stops without the host;
+3. dispatches one prefill chunk of the oldest admitted request (its last chunk samples the
+   request's first token), so running sequences keep producing tokens while a prompt is read;
+4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
-Shapes are static: a fixed batch and cache length per generation, prefill chunks of one
-length, so decode compiles once.
+Shapes are fixed per engine (slots, cache length, chunk), so after the first decode and
+prefill steps no request compiles anything (media: the vision tower still compiles once
+per image grid).
+
+**Prefix reuse.** The engine remembers which tokens each slot's cache holds (the prompt
+and the fed tokens of its last request). A new request takes the free slot whose cache
+shares the longest prefix with its prompt and prefills only the rest; when a busy slot
+shares a longer prefix (a system prompt and tool declarations shared by many agents), that
+slot's cache is copied into a free one first. Media placeholders are never reused (two
+prompts with equal placeholder ids may carry different images).
+
+Rows are independent (attention stays within a slot; routing is per token), so greedy
+output equals what a request produces alone, wherever and whenever it was admitted.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.inference.sampling import Sampling, sample
+from kimi_jax.inference.sampling import sample_rows
+from kimi_jax.inference.steps import embed_step, key_block_for
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.cache import KVCache
 from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi, media_grids
 from kimi_jax.model.mla import absorbed_is_cheaper
-from kimi_jax.model.vision import Grid
-from kimi_jax.parallel.placement import to_host
 
-ATTENTION_FORMS = ("auto", "absorbed", "expanded")
-GREEDY = Sampling(temperature=0.0)
-SCORE_BYTES = 1 << 30
-"""Budget for one layer's attention scores (float32 [B, N, T, key block]) when choosing the key block."""
-MAX_KEY_BLOCK = 8192
-"""Longest key block: caches longer than this are attended block by block, skipping empty blocks."""
-CACHE_ROUNDING = 128
-"""Default cache lengths are rounded up to a multiple of this, so similar requests share compiled steps."""
+MAX_STOP_IDS = 16
+"""Stop ids a request may give (the slot state holds a fixed-size row of them)."""
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="cache")
-def extend_step(
-    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array | None, counts: jax.Array, cache: KVCache,
-    inputs_embeds: jax.Array | None = None, *, absorbed: bool, key_block: int,
-) -> tuple[jax.Array, KVCache]:
-    """Appends ``counts[b]`` tokens of row ``b`` of ``input_ids`` [B, T] (or of their
-    embeddings ``inputs_embeds`` [B, T, D]) to the cache (donated).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Everything the compiled steps carry per slot ([S] = one entry per slot), on the device."""
 
-    ``graphdef`` / ``state`` are ``nnx.split`` of the :class:`~kimi_jax.model.decoder.TextModel`.
-    Returns logits [B, V] (float32) at each row's last new token and the updated cache.
-    """
-    return nnx.merge(graphdef, state).extend(
-        input_ids, counts, cache, absorbed=absorbed, key_block=key_block, inputs_embeds=inputs_embeds
+    cache: KVCache
+    last: jax.Array  # [S] int32: the token a running slot feeds next
+    active: jax.Array  # [S] bool: the slot is decoding
+    produced: jax.Array  # [S] int32: tokens emitted by the slot's request
+    budget: jax.Array  # [S] int32: the most tokens it may emit
+    stops: jax.Array  # [S, MAX_STOP_IDS] int32, -1 where unused
+    temperature: jax.Array  # [S] float32 (0: greedy)
+    top_p: jax.Array  # [S] float32 (1: off)
+    top_k: jax.Array  # [S] int32 (0: off)
+    keys: jax.Array  # [S, 2] uint32: the request's PRNG key data; token t uses fold_in(key, t)
+
+    @classmethod
+    def create(cls, cache: KVCache) -> SlotState:
+        S = cache.batch
+        return cls(
+            cache, jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool), jnp.zeros((S,), jnp.int32),
+            jnp.zeros((S,), jnp.int32), jnp.full((S, MAX_STOP_IDS), -1, jnp.int32), jnp.zeros((S,), jnp.float32),
+            jnp.ones((S,), jnp.float32), jnp.zeros((S,), jnp.int32), jnp.zeros((S, 2), jnp.uint32),
+        )
+
+
+def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Array) -> tuple[SlotState, jax.Array, jax.Array]:
+    """Samples a token for slots ``rows`` [n] from ``logits`` [n, V] where ``emitting`` [n];
+    applies stop ids and budgets. Returns the state, the tokens [n] (-1 where not emitting)
+    and which of them finished their request [n]."""
+    keys = jax.vmap(lambda data, t: jax.random.fold_in(jax.random.wrap_key_data(data), t))(
+        slots.keys[rows], slots.produced[rows]
+    )
+    tokens = sample_rows(logits, keys, slots.temperature[rows], slots.top_p[rows], slots.top_k[rows])
+    produced = slots.produced[rows] + emitting
+    stop = (tokens[:, None] == slots.stops[rows]).any(-1) | (produced >= slots.budget[rows])
+    finished = emitting & stop
+    slots = dataclasses.replace(
+        slots,
+        last=slots.last.at[rows].set(jnp.where(emitting, tokens, slots.last[rows])),
+        active=slots.active.at[rows].set((slots.active[rows] | emitting) & ~finished),
+        produced=slots.produced.at[rows].set(produced),
+    )
+    return slots, jnp.where(emitting, tokens, -1), finished
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "key_block"), donate_argnames="slots")
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, *, key_block: int):
+    """One token for every active slot: fed, attended, sampled. Returns (state, tokens [S], finished [S])."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.extend(
+        slots.last[:, None], slots.active.astype(jnp.int32), slots.cache, absorbed=True, key_block=key_block
+    )
+    rows = jnp.arange(slots.active.shape[0])
+    return _emit(dataclasses.replace(slots, cache=cache), logits, rows, slots.active)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="slots"
+)
+def prefill_step(
+    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, slot: jax.Array, ids: jax.Array | None,
+    embeds: jax.Array | None, count: jax.Array, final: jax.Array, *, absorbed: bool, key_block: int,
+):
+    """Appends ``count`` tokens (``ids`` [1, T] or ``embeds`` [1, T, D]) to slot ``slot``'s
+    cache; on the ``final`` chunk samples the request's first token. Returns
+    (state, token [1], finished [1])."""
+    model = nnx.merge(graphdef, state)
+    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), slots.cache)
+    logits, row = model.extend(ids, count[None], row, absorbed=absorbed, key_block=key_block, inputs_embeds=embeds)
+    cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), slots.cache, row)
+    return _emit(dataclasses.replace(slots, cache=cache), logits, slot[None], final[None])
+
+
+@functools.partial(jax.jit, donate_argnames="slots")
+def admit_step(slots: SlotState, slot, length, budget, stops, temperature, top_p, top_k, keys) -> SlotState:
+    """Prepares slot ``slot`` for a new request whose first ``length`` tokens are cached already."""
+    cache = dataclasses.replace(slots.cache, lengths=slots.cache.lengths.at[slot].set(length))
+    return dataclasses.replace(
+        slots, cache=cache, active=slots.active.at[slot].set(False), produced=slots.produced.at[slot].set(0),
+        budget=slots.budget.at[slot].set(budget), stops=slots.stops.at[slot].set(stops),
+        temperature=slots.temperature.at[slot].set(temperature), top_p=slots.top_p.at[slot].set(top_p),
+        top_k=slots.top_k.at[slot].set(top_k), keys=slots.keys.at[slot].set(keys),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grids"))
-def embed_step(
-    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, is_media: jax.Array, pixel_values: jax.Array,
-    grids: tuple[Grid, ...],
-) -> jax.Array:
-    """Embeddings [B, T, D] of ``input_ids`` [B, T] with the features of the media ``grids``
-    spliced in where ``is_media`` holds; ``graphdef`` / ``state`` are ``nnx.split`` of the
-    :class:`~kimi_jax.model.Kimi` model."""
-    return nnx.merge(graphdef, state).spliced_embeddings(input_ids, is_media, pixel_values, grids)
+@functools.partial(jax.jit, donate_argnames="slots")
+def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array) -> SlotState:
+    """Copies slot ``src``'s cached latents into slot ``dst`` (for a shared prefix)."""
+    layers = tuple(
+        jax.tree.map(lambda a: a.at[dst].set(a[src]), layer) for layer in slots.cache.layers
+    )
+    return dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers))
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+_STEPS = (decode_step, prefill_step, admit_step, copy_slot_step, embed_step)
+
+
+def _compilations() -> int:
+    return sum(f._cache_size() for f in _STEPS)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One submitted generation: ``token_ids`` grow as the engine steps; ``done`` and
+    ``finish_reason`` (``"stop"`` or ``"length"``) tell when and why it ended."""
+
+    id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop_ids: tuple[int, ...]
+    engine: Engine = dataclasses.field(repr=False)
+    on_token: Callable[[int], None] | None = dataclasses.field(default=None, repr=False)
+    media: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None
+    cached_prefix: int = 0
+    """Prompt tokens found in the cache at admission (not prefilled again)."""
+
+    def stream(self) -> Iterator[int]:
+        """Yields the request's tokens as they arrive, stepping the engine as needed."""
+        seen = 0
+        while True:
+            while seen < len(self.token_ids):
+                yield self.token_ids[seen]
+                seen += 1
+            if self.done:
+                return
+            self.engine.step()
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A request being prefilled: its slot, the next prompt position, its media embeddings."""
+
+    request: Request
+    slot: int
+    cursor: int
+    embeds: jax.Array | None = None
 
 
 class Engine:
-    """Generation for one model: its parameters split out of the NNX module, and the steps.
+    """Continuous batching over ``max_slots`` cache slots of ``max_length`` tokens.
 
-    ``Engine(model)`` holds the model's current parameters (build a new engine after changing
-    them). :meth:`prefill` and :meth:`decode` are the two phases over an explicit
-    :class:`~kimi_jax.model.cache.KVCache`; :meth:`stream` runs a whole batched generation.
+    The mesh comes with the model (``kimi_jax.load(..., mesh=...)``): the cache's slots are
+    split over the layout's batch axes. ``prefill_chunk`` is the prompt tokens fed per step;
+    ``cache_dtype`` the cache's dtype; ``key_block`` overrides the attention key block
+    (``kimi_jax.inference.steps.key_block_for``).
     """
 
-    def __init__(self, model: Kimi, *, key_block: int | None = None):
-        self.config = model.config.text
-        self.vision = model.vision_config
+    def __init__(
+        self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
+        cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
+    ):
+        cfg = model.config.text
+        for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's context (max_position_embeddings = "
+                f"{cfg.max_position_embeddings})"
+            )
+        self.config, self.vision = cfg, model.vision_config
         self.placeholder_id = model.config.media_placeholder_token_id
-        self.parallel = model.parallel
+        self.max_slots, self.max_length = max_slots, max_length
+        self.chunk = min(prefill_chunk, max_length)
         self.graphdef, self.state = nnx.split(model.language_model)
         self._whole = nnx.split(model) if self.vision is not None else None
-        if key_block is not None and key_block < 1:
-            raise ValueError(f"key_block must be >= 1, got {key_block}")
-        self._key_block = key_block
+        self._absorbed_prefill = absorbed_is_cheaper(cfg, self.chunk)
+        self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
+        self._prefill_block = key_block_for(cfg, 1, self.chunk, max_length, key_block)
+        cache = KVCache.create(cfg, max_slots, max_length, jnp.dtype(cache_dtype))
+        if model.parallel is not None:
+            cache = model.parallel.place_batch(cache)
+        self._slots = SlotState.create(cache)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
+        self._running: dict[int, Request] = {}  # slot -> request decoding there
+        self._free = list(range(max_slots))
+        self._cached: list[list[int]] = [[] for _ in range(max_slots)]  # tokens each slot's cache holds
+        self._pending: list[tuple[jax.Array, jax.Array, list[Request | None]]] = []
+        self._next_id = 0
+        self._stats = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0}
+        self._compiled_at_start = _compilations()
 
-    def key_block(self, batch: int, num_queries: int, cache_length: int) -> int:
-        """Cache slots attention scores at once: the ``key_block`` given to the engine, else the
-        most (a multiple of 128, at most :data:`MAX_KEY_BLOCK`) whose scores fit :data:`SCORE_BYTES`."""
-        if self._key_block is not None:
-            return min(self._key_block, cache_length)
-        per_slot = batch * num_queries * self.config.num_attention_heads * 4
-        return min(MAX_KEY_BLOCK, max(128, SCORE_BYTES // per_slot // 128 * 128), cache_length)
+    # ---- requests
 
-    def new_cache(self, batch: int, length: int, dtype: jnp.dtype = jnp.bfloat16) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``length`` tokens (split over the
-        batch's mesh axes when the model runs on a mesh)."""
-        cache = KVCache.create(self.config, batch, length, jnp.dtype(dtype))
-        if self.parallel is None:
-            return cache
-        mesh, layout = self.parallel.mesh, self.parallel.layout
-        ways = math.prod(mesh.shape[a] for a in layout.mesh_axes_of("batch"))
-        batch_axis = "batch" if batch % ways == 0 else None  # a batch the mesh cannot split stays whole
-        return jax.tree.map(
-            lambda a: jax.device_put(a, self.parallel.sharding((batch_axis,) + (None,) * (a.ndim - 1))), cache
-        )
-
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], start: Sequence[int], cache_length: int) -> None:
-        """Raises ``ValueError`` for a prompt that does not fit after ``start`` cached tokens in
-        the cache or the model's context (the ids themselves are checked by :func:`check_prompts`)."""
-        context = self.config.max_position_embeddings
-        for i, (prompt, offset) in enumerate(zip(prompts, start, strict=True)):
-            end = offset + len(prompt)
-            where = f"prompt {i} has {len(prompt)} tokens" + (f" after {offset} cached" if offset else "")
-            if end > context:
-                raise ValueError(f"{where}: longer than the model's context (max_position_embeddings = {context})")
-            if end > cache_length:
-                raise ValueError(f"{where}: longer than the cache ({cache_length} tokens)")
-
-    def prefill(
-        self, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int = 512, attention: str = "auto",
+    def submit(
+        self, prompt_ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+        top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
         pixel_values: np.ndarray | None = None, grid_thws: np.ndarray | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Appends prompt ``b`` to row ``b`` of the cache; logits [B, V] at each prompt's last token.
+    ) -> Request:
+        """Queues a request; it is admitted at a later :meth:`step`.
 
-        Prompts are fed in chunks of ``min(chunk, next power of two >= longest prompt)``
-        tokens. ``attention`` is ``"auto"`` (fewer flops, see the module doc), ``"absorbed"``
-        or ``"expanded"``. ``pixel_values`` / ``grid_thws`` are the media of all prompts in
-        order (as :class:`~kimi_jax.model.Kimi` takes them): the prompts must hold one
-        ``<|media_pad|>`` per media token.
+        ``temperature`` 0 is greedy; ``top_p`` 1 and ``top_k`` 0 are off; ``seed`` makes
+        sampling reproducible whatever else runs. The request ends after one of
+        ``stop_ids`` (at most :data:`MAX_STOP_IDS`, the stop token included in its output),
+        after ``max_new_tokens``, or when its slot is full. ``on_token(token_id)`` is called
+        as each token arrives. Media: ``pixel_values`` / ``grid_thws`` for a prompt holding
+        one ``<|media_pad|>`` per media token.
         """
-        if attention not in ATTENTION_FORMS:
-            raise ValueError(f"unknown attention form {attention!r}; choose from {ATTENTION_FORMS}")
-        if chunk < 1:
-            raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
-        if len(prompts) != cache.batch:
-            raise ValueError(f"{len(prompts)} prompts for a cache of batch {cache.batch}")
-        prompts = check_prompts(prompts, self.config.vocab_size)
-        self._check_prompts(prompts, to_host(cache.lengths).tolist(), cache.length)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        T = min(chunk, _next_power_of_two(int(lengths.max())))
-        n_chunks = -(-int(lengths.max()) // T)
-        ids = np.zeros((len(prompts), n_chunks * T), np.int32)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-        embeds = self._media_embeddings(ids, lengths, pixel_values, grid_thws)
-        absorbed = attention == "absorbed" or (attention == "auto" and absorbed_is_cheaper(self.config, T))
-        key_block = self.key_block(cache.batch, T, cache.length)
-        last = None
-        for k in range(n_chunks):
-            counts = np.clip(lengths - k * T, 0, T).astype(np.int32)
-            chunk_ids, chunk_embeds = ids[:, k * T : (k + 1) * T], None
-            if embeds is not None:
-                chunk_ids, chunk_embeds = None, embeds[:, k * T : (k + 1) * T]
-            logits, cache = extend_step(
-                self.graphdef, self.state, chunk_ids, counts, cache, chunk_embeds,
-                absorbed=absorbed, key_block=key_block,
-            )
-            last = logits if last is None else jnp.where(counts[:, None] > 0, logits, last)
-        return last, cache
-
-    def _media_embeddings(
-        self, ids: np.ndarray, lengths: np.ndarray, pixel_values: np.ndarray | None, grid_thws: np.ndarray | None,
-    ) -> jax.Array | None:
-        """The padded prompts' ``ids`` [B, L] as embeddings with their media spliced in (None without media)."""
+        [prompt] = check_prompts([prompt_ids], self.config.vocab_size)
+        if len(prompt) > self.max_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, more than the engine's max_length {self.max_length}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        stops = tuple(sorted({int(s) for s in stop_ids}))
+        if len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids per request, got {len(stops)}")
+        media = None
         grids = media_grids(self.vision, pixel_values, grid_thws)
-        if not grids:
-            return None
-        is_media = (ids == self.placeholder_id) & (np.arange(ids.shape[1]) < lengths[:, None])
-        check_expanded(int(is_media.sum()), grids, self.vision.merge_kernel_size)
-        graphdef, state = self._whole
-        return embed_step(graphdef, state, ids, is_media, jnp.asarray(pixel_values), grids)
-
-    def decode(self, tokens: jax.Array, cache: KVCache, active: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Appends one token per row, ``tokens`` [B]; logits [B, V] for the next one.
-
-        Rows where ``active`` [B] is False are left unchanged (their logits are meaningless).
-        """
-        tokens = jnp.asarray(tokens, jnp.int32)
-        counts = jnp.ones_like(tokens) if active is None else jnp.asarray(active, jnp.int32)
-        key_block = self.key_block(cache.batch, 1, cache.length)
-        return extend_step(
-            self.graphdef, self.state, tokens[:, None], counts, cache, absorbed=True, key_block=key_block
+        if grids:
+            placeholders = int((np.asarray(prompt) == self.placeholder_id).sum())
+            check_expanded(placeholders, grids, self.vision.merge_kernel_size)
+            media = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
+        request = Request(
+            self._next_id, prompt, max_new_tokens, float(temperature), float(top_p), top_k, int(seed), stops,
+            self, on_token, media,
         )
+        self._next_id += 1
+        self._waiting.append(request)
+        return request
 
-    def stream(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        sampling: Sampling = GREEDY,
-        key: jax.Array | None = None,
-        stop_ids: Iterable[int] = (),
-        prefill_chunk: int = 512,
-        cache_length: int | None = None,
-        cache_dtype: jnp.dtype = jnp.bfloat16,
-        pixel_values: np.ndarray | None = None,
-        grid_thws: np.ndarray | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Generates for a batch of token-id prompts, yielding each step's new tokens [B] (int32).
+    def run(self) -> None:
+        """Steps until every submitted request is done."""
+        while self._waiting or self._prefilling or self._running or self._pending:
+            self.step()
 
-        A row's entry is -1 once it has finished: after one of ``stop_ids`` (which is
-        yielded), after ``max_new_tokens`` tokens, or when its cache is full. ``key`` (a
-        ``jax.random`` key, default ``key(0)``) is split once per step. ``cache_length``
-        defaults to the longest prompt plus ``max_new_tokens``, rounded up to a multiple of
-        :data:`CACHE_ROUNDING` but within the model's context. ``pixel_values`` /
-        ``grid_thws`` are the prompts' media, as :meth:`prefill` takes them.
-        """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if len(prompts) == 0:
-            raise ValueError("no prompts given")
-        prompts = check_prompts(prompts, self.config.vocab_size)
-        lengths = np.array([len(p) for p in prompts])
-        context = self.config.max_position_embeddings
-        if cache_length is None:
-            wanted = int(lengths.max()) + max_new_tokens
-            cache_length = min(-(-wanted // CACHE_ROUNDING) * CACHE_ROUNDING, context)
-        self._check_prompts(prompts, [0] * len(prompts), cache_length)
-        # The last token is sampled, never fed: a row can produce (free slots + 1) tokens.
-        budget = np.minimum(max_new_tokens, min(cache_length, context) - lengths + 1)
-        stops = np.array(sorted(set(stop_ids)), np.int32)
-        key = jax.random.key(0) if key is None else key
+    def stats(self) -> dict[str, int]:
+        """Tokens prefilled, reused from the cache and decoded; steps; compilations since creation."""
+        return {**self._stats, "compilations": _compilations() - self._compiled_at_start,
+                "running": len(self._running), "waiting": len(self._waiting) + len(self._prefilling),
+                "free_slots": len(self._free)}
 
-        cache = self.new_cache(len(prompts), cache_length, cache_dtype)
-        logits, cache = self.prefill(prompts, cache, chunk=prefill_chunk, pixel_values=pixel_values,
-                                     grid_thws=grid_thws)
-        done = np.zeros(len(prompts), bool)
-        produced = np.zeros(len(prompts), np.int64)
-        while True:
-            key, step_key = jax.random.split(key)
-            tokens = to_host(sample(logits, step_key, sampling))
-            yield np.where(done, -1, tokens).astype(np.int32)
-            produced += ~done
-            done |= np.isin(tokens, stops) | (produced >= budget)
-            if done.all():
-                return
-            logits, cache = self.decode(np.where(done, 0, tokens), cache, active=~done)
+    # ---- one scheduling step
+
+    def step(self) -> None:
+        """Admit, decode the running slots, feed one prefill chunk, then read the previous step's tokens."""
+        self._admit()
+        dispatched = []
+        if self._running:
+            slots, tokens, finished = decode_step(
+                self.graphdef, self.state, self._slots, key_block=self._decode_block
+            )
+            self._slots = slots
+            owners = [self._running.get(s) for s in range(self.max_slots)]
+            dispatched.append((tokens, finished, owners))
+        if self._prefilling:
+            out = self._prefill_chunk(self._prefilling[0])
+            if out is not None:
+                dispatched.append(out)
+        self._stats["steps"] += 1
+        previous, self._pending = self._pending, dispatched
+        for tokens, finished, owners in previous:
+            self._collect(tokens, finished, owners)
+        if not dispatched:  # nothing new runs: nothing to overlap with
+            pending, self._pending = self._pending, []
+            for tokens, finished, owners in pending:
+                self._collect(tokens, finished, owners)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free:
+            request = self._waiting.popleft()
+            reusable = self._reusable(request.prompt_ids, request.media is not None)
+            slot, prefix = self._best_free_slot(reusable)
+            donor, donor_prefix = self._best_busy_slot(reusable)
+            if donor is not None and donor_prefix > prefix:
+                self._slots = copy_slot_step(self._slots, jnp.int32(donor), jnp.int32(slot))
+                prefix = donor_prefix
+            self._free.remove(slot)
+            prefix = min(prefix, len(request.prompt_ids) - 1)  # the last prompt token is always fed
+            budget = min(request.max_new_tokens, self.max_length - len(request.prompt_ids) + 1)
+            stops = np.full(MAX_STOP_IDS, -1, np.int32)
+            stops[: len(request.stop_ids)] = request.stop_ids
+            key = jax.random.key_data(jax.random.key(request.seed))
+            self._slots = admit_step(
+                self._slots, jnp.int32(slot), jnp.int32(prefix), jnp.int32(budget), jnp.asarray(stops),
+                jnp.float32(request.temperature), jnp.float32(request.top_p), jnp.int32(request.top_k), key,
+            )
+            request.cached_prefix = prefix
+            self._stats["reused_tokens"] += prefix
+            self._cached[slot] = list(request.prompt_ids[:prefix])
+            embeds = self._media_embeddings(request) if request.media is not None else None
+            self._prefilling.append(_Prefill(request, slot, prefix, embeds))
+
+    def _reusable(self, tokens: Sequence[int], has_media: bool) -> list[int]:
+        """The leading tokens whose cache entries another request may share (none past a media placeholder)."""
+        tokens = list(tokens)
+        if has_media and self.placeholder_id in tokens:
+            return tokens[: tokens.index(self.placeholder_id)]
+        return tokens
+
+    def _best_free_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot sharing the longest cached prefix with ``prompt`` (an empty one on a tie)."""
+        best = max(self._free, key=lambda s: (_common_prefix(self._cached[s], prompt), -len(self._cached[s])))
+        return best, _common_prefix(self._cached[best], prompt)
+
+    def _best_busy_slot(self, prompt: list[int]) -> tuple[int | None, int]:
+        busy = [s for s in range(self.max_slots) if s not in self._free]
+        if not busy:
+            return None, 0
+        best = max(busy, key=lambda s: _common_prefix(self._cached[s], prompt))
+        return best, _common_prefix(self._cached[best], prompt)
+
+    def _media_embeddings(self, request: Request) -> jax.Array:
+        """The whole prompt's embeddings [1, P, D] with its media spliced in (padded so that a
+        chunk starting at any prompt position fits)."""
+        ids = np.asarray(request.prompt_ids, np.int32)
+        padded = np.zeros((1, -(-len(ids) // self.chunk) * self.chunk + self.chunk), np.int32)
+        padded[0, : len(ids)] = ids
+        pixel_values, grid_thws = request.media
+        grids = media_grids(self.vision, pixel_values, grid_thws)
+        graphdef, state = self._whole
+        is_media = np.zeros_like(padded, bool)
+        is_media[0, : len(ids)] = ids == self.placeholder_id
+        return embed_step(graphdef, state, padded, is_media, jnp.asarray(pixel_values), grids)
+
+    def _prefill_chunk(self, job: _Prefill):
+        """Feeds the next chunk of ``job``'s prompt; on its last chunk, the request starts decoding."""
+        request, T = job.request, self.chunk
+        prompt = request.prompt_ids
+        count = min(T, len(prompt) - job.cursor)
+        final = job.cursor + count == len(prompt)
+        ids = embeds = None
+        if job.embeds is None:
+            chunk = np.zeros((1, T), np.int32)
+            chunk[0, :count] = prompt[job.cursor : job.cursor + count]
+            ids = jnp.asarray(chunk)
+        else:
+            embeds = jax.lax.dynamic_slice_in_dim(job.embeds, job.cursor, T, axis=1)
+        self._slots, token, finished = prefill_step(
+            self.graphdef, self.state, self._slots, jnp.int32(job.slot), ids, embeds, jnp.int32(count),
+            jnp.bool_(final), absorbed=self._absorbed_prefill, key_block=self._prefill_block,
+        )
+        job.cursor += count
+        self._stats["prefilled_tokens"] += count
+        reusable = self._reusable(prompt, request.media is not None)
+        self._cached[job.slot] = list(reusable[: job.cursor])
+        if not final:
+            return None
+        self._prefilling.popleft()
+        self._running[job.slot] = request
+        owners: list[Request | None] = [None] * self.max_slots
+        owners[job.slot] = request
+        tokens = jnp.full((self.max_slots,), -1, jnp.int32).at[job.slot].set(token[0])
+        done = jnp.zeros((self.max_slots,), bool).at[job.slot].set(finished[0])
+        return tokens, done, owners
+
+    def _collect(self, tokens: jax.Array, finished: jax.Array, owners: list[Request | None]) -> None:
+        """Hands a step's tokens to their requests; frees the slots of finished ones."""
+        tokens, finished = np.asarray(tokens), np.asarray(finished)
+        for slot, request in enumerate(owners):
+            if request is None or tokens[slot] < 0:
+                continue
+            token = int(tokens[slot])
+            request.token_ids.append(token)
+            self._stats["decoded_tokens"] += 1
+            if request.on_token is not None:
+                request.on_token(token)
+            if finished[slot]:
+                request.done = True
+                request.finish_reason = "stop" if token in request.stop_ids else "length"
+                del self._running[slot]
+                self._free.append(slot)
+                if request.media is None:  # the cache holds the prompt and every fed token
+                    self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
+            elif request.media is None:
+                self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+

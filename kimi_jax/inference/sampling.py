@@ -7,7 +7,6 @@ in transformers' order: temperature, then top-k, then top-p.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -40,42 +39,67 @@ RECOMMENDED_SAMPLING: Mapping[str, Sampling] = MappingProxyType({
 """Moonshot's recommended sampling for each mode."""
 
 
+def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Top-k, then top-p, per row of ``logits`` [B, V] with the row's ``top_p`` / ``top_k`` [B]
+    (1 / 0: off); excluded logits become ``-inf``.
+
+    Top-k keeps the ``k`` largest (and any tied with the k-th). Top-p then keeps the most
+    likely tokens whose probabilities (renormalized after top-k) first reach ``p`` in sum:
+    a token stays when the mass of the tokens more likely than it is below ``p``, so the
+    most likely token always stays, and so do ties with the last kept one.
+    """
+    V = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    ordered = jnp.where(jnp.arange(V) < k[:, None], ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
+
+
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keeps the ``k`` largest logits of each row [B, V] (and any tied with the k-th)."""
-    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]
-    return jnp.where(logits >= kth, logits, -jnp.inf)
+    """:func:`filter_logits` with top-k alone, the same ``k`` for every row."""
+    B = logits.shape[0]
+    return filter_logits(logits, jnp.ones((B,), jnp.float32), jnp.full((B,), k, jnp.int32))
 
 
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """Keeps, per row [B, V], the most likely tokens whose probabilities first reach ``p`` in sum.
-
-    A token is kept when the mass of the tokens more likely than it is below ``p``, so the
-    most likely token always stays; tokens tied with the last kept one stay too.
-    """
-    sorted_logits = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(mass_before < p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+    """:func:`filter_logits` with top-p alone, the same ``p`` for every row."""
+    B = logits.shape[0]
+    return filter_logits(logits, jnp.full((B,), p, jnp.float32), jnp.zeros((B,), jnp.int32))
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row of ``logits`` [B, V] -> [B] (int32), drawn with ``key``.
+    """One token per row of ``logits`` [B, V] -> [B] (int32), all rows with ``sampling``;
+    row ``b`` draws with ``fold_in(key, b)``."""
+    B = logits.shape[0]
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
+    return _sample_rows(
+        logits, keys, jnp.full((B,), sampling.temperature, jnp.float32), jnp.full((B,), sampling.top_p, jnp.float32),
+        jnp.full((B,), sampling.top_k, jnp.int32),
+    )
 
-    Temperature and top-p are traced values, so changing them does not recompile; greedy
-    decoding, top-k and whether top-p is on select the compiled variant.
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array
+) -> jax.Array:
+    """One token per row of ``logits`` [B, V] with the row's own settings, all [B]: ``keys``
+    (typed PRNG keys), ``temperature`` (0: greedy), ``top_p`` (1: off), ``top_k`` (0: off).
+
+    Applied in transformers' order: temperature, then top-k, then top-p (on the top-k
+    renormalized distribution); ties with the last kept logit stay. Traceable, for use
+    inside compiled steps; the vocabulary is sorted only when some row filters.
     """
-    return _sample(logits, key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
-                   greedy=sampling.temperature == 0, top_k=sampling.top_k, use_top_p=sampling.top_p < 1)
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+    needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
+    scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
-def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if use_top_p:
-        logits = top_p_filter(logits, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+_sample_rows = jax.jit(sample_rows)

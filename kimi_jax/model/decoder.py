@@ -4,7 +4,7 @@ final norm and lm_head.
 Einsum letters: B batch, T positions, D model, V vocabulary.
 
 :meth:`TextModel.extend` is the cached step generation is built on
-(``kimi_jax.inference.engine``). With a :class:`~kimi_jax.parallel.Parallel` the hidden
+(``kimi_jax.inference.steps``). With a :class:`~kimi_jax.parallel.Parallel` the hidden
 states are pinned to the layout between layers and the MoE layers run expert-parallel.
 """
 

@@ -65,6 +65,17 @@ class Parallel:
         )
         return jax.lax.with_sharding_constraint(x, self.sharding(axes))
 
+    def place_batch(self, tree):
+        """Every array of ``tree`` (leading axis: the batch, e.g. a KV cache) split over the
+        layout's batch axes; a batch the mesh cannot split evenly stays whole."""
+        ways = math.prod(self.mesh.shape[a] for a in self.layout.mesh_axes_of("batch"))
+
+        def place(a):
+            axis = "batch" if a.shape[0] % ways == 0 else None
+            return jax.device_put(a, self.sharding((axis,) + (None,) * (a.ndim - 1)))
+
+        return jax.tree.map(place, tree)
+
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], parallel: Parallel | None) -> jax.Array:
     """:meth:`Parallel.constrain`, or ``x`` as it is without a mesh."""

@@ -11,6 +11,7 @@ from kimi_jax.chat.parser import parse_output
 from kimi_jax.chat.template import ChatTemplate
 from kimi_jax.chat.tokenizer import Tokenizer
 from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.inference.sampling import Sampling, sample, top_k_filter, top_p_filter
 from kimi_jax.testing.demo import write_tokenizer
 from kimi_jax.testing.synthetic import TINY_TEXT, k25_config, write_checkpoint
@@ -97,6 +98,7 @@ def greedy(tiny):
     return kimi_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, **EXACT)
 
 
+@pytest.mark.reference
 def test_greedy_matches_transformers_generate(tiny, greedy):
     torch = pytest.importorskip("torch")
     from hf_reference import load_hf_text_model
@@ -138,8 +140,9 @@ def test_streaming(tiny, greedy):
     kimi_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, on_token=lambda i, t: seen[i].append(t), **EXACT)
     assert seen == [r.token_ids for r in greedy]
     stop = greedy[0].token_ids[1]
-    steps = list(Engine(model).stream(prompts, max_new_tokens=NEW_TOKENS, stop_ids=[stop], cache_dtype=jnp.float32))
-    assert steps[1][0] == stop and all(step[0] == -1 for step in steps[2:])
+    engine = Engine(model, max_slots=2, max_length=64, cache_dtype=jnp.float32)
+    request = engine.submit(prompts[0], max_new_tokens=NEW_TOKENS, stop_ids=[stop])
+    assert list(request.stream()) == greedy[0].token_ids[:2] and request.finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -218,7 +221,7 @@ def test_golden_generate_ids(golden):
 
 def test_golden_step_logits(golden):
     model, prompts, expected = golden
-    engine = Engine(model)
+    engine = BatchEngine(model)
     logits, cache = engine.prefill(prompts, engine.new_cache(len(prompts), 128, jnp.float32))
     steps = [logits]
     for token in expected["generate_ids"][:, :-1].T:

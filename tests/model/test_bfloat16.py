@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kimi_jax
-from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.testing.synthetic import k25_config, write_checkpoint
 
 # Head and latent sizes like K2.5's (nope 128, rope 64, v 128), other widths small.
@@ -22,7 +22,7 @@ def test_bfloat16_generation_close_to_float32(tmp_path):
     prompts = [list(range(3, 40)), list(range(100, 117))]
     logits = {}
     for name, model in (("bf16", bf16), ("f32", f32)):
-        engine = Engine(model, key_block=64)  # a 150-slot cache is attended in blocks of 64
+        engine = BatchEngine(model, key_block=64)  # a 150-slot cache is attended in blocks of 64
         cache = engine.new_cache(2, 150)
         first, cache = engine.prefill(prompts, cache, chunk=16)
         second, _ = engine.decode(jnp.argmax(first, -1), cache)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.inference.engine import MAX_KEY_BLOCK, SCORE_BYTES, Engine
+from kimi_jax.inference.steps import MAX_KEY_BLOCK, SCORE_BYTES, BatchEngine
 from kimi_jax.model.cache import KVCache
 from kimi_jax.model.layers import rms_norm
 from kimi_jax.model.mla import absorbed_is_cheaper
@@ -20,7 +20,7 @@ def engine(tmp_path_factory):
     work = tmp_path_factory.mktemp("cache")
     src = write_checkpoint(work / "hf", k25_config(TINY_TEXT, multimodal=False), seed=3, dtype="float32")
     model = kimi_jax.load(kimi_jax.convert(src, work / "converted", dtype="float32", progress=False))
-    return Engine(model), model
+    return BatchEngine(model), model
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_key_block_fits_the_score_budget(engine):
     heads = eng.config.num_attention_heads
     block = eng.key_block(batch=8, num_queries=512, cache_length=1 << 18)
     assert block % 128 == 0 and 8 * 512 * heads * 4 * block <= SCORE_BYTES
-    assert Engine(engine[1], key_block=7).key_block(batch=8, num_queries=512, cache_length=100) == 7
+    assert BatchEngine(engine[1], key_block=7).key_block(batch=8, num_queries=512, cache_length=100) == 7
 
 
 def _prefill_then_decode(eng, ids, *, chunk, attention, cache_length=128):
@@ -90,7 +90,7 @@ def test_decode_matches_full_forward(engine, sequences, attention, key_block):
     """Whole-cache attention, and attention in blocks of 7 slots over a cache of 20 (whose
     last block is shifted back to fit), both equal the forward pass at every step."""
     ids, full = sequences
-    eng = engine[0] if key_block is None else Engine(engine[1], key_block=key_block)
+    eng = engine[0] if key_block is None else BatchEngine(engine[1], key_block=key_block)
     cache_length = 128 if key_block is None else 20
     steps, _ = _prefill_then_decode(eng, ids, chunk=512, attention=attention, cache_length=cache_length)
     expected = np.stack([full[b, n - 1 : n - 1 + DECODE_STEPS] for b, n in enumerate(PROMPT_LENGTHS)])

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import kimi_jax
 from kimi_jax.config.model import KimiConfig
-from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.model.inputs import check_prompts, check_token_ids
 from kimi_jax.model.kimi import Kimi
 from kimi_jax.testing.synthetic import k25_config
@@ -103,14 +104,14 @@ def test_check_token_ids_directly():
     ],
 )
 def test_engine_prompts(model, prompts, error, words):
-    engine = Engine(model)
-    with pytest.raises(error, match=words):
-        next(engine.stream(prompts, max_new_tokens=2))
+    engine = BatchEngine(model)
     with pytest.raises(error, match=words):
         check_prompts(prompts, V)
     if not isinstance(prompts, str):
         with pytest.raises(error, match=words):
             engine.prefill(prompts, engine.new_cache(len(prompts), 16, jnp.float32))
+        with pytest.raises((TypeError, ValueError)):  # generate names the prompt's kind first
+            kimi_jax.generate(model, prompts, max_new_tokens=2)
 
 
 def test_engine_accepts_integer_arrays(model):

@@ -23,7 +23,7 @@ import kimi_jax
 from kimi_jax.chat.template import ChatTemplate
 from kimi_jax.chat.tokenizer import Tokenizer
 from kimi_jax.cli.main import main
-from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.media.placeholders import expand_media_placeholders
 from kimi_jax.media.preprocess import preprocess_media
 from kimi_jax.testing.demo import DEMO_VOCAB_SIZE, write_tokenizer
@@ -96,7 +96,7 @@ def test_golden_greedy_continuation_with_images(golden):
     for prompt in (processor_style, expanded):  # one placeholder per medium, or already one per token
         [result] = kimi_jax.generate(model, [prompt], max_new_tokens=want.shape[1], **media, **EXACT)
         assert result.token_ids == want[0].tolist() and result.prompt_ids == expanded.tolist()
-    engine = Engine(model)
+    engine = BatchEngine(model)
     logits, cache = engine.prefill([expanded], engine.new_cache(1, 128, jnp.float32), chunk=32, **media)
     steps = [logits]
     for token in want[:, :-1].T:

@@ -1,0 +1,203 @@
+"""The serving engine on one accelerator: decode against its floor, batching, arrivals, compile time, MLA.
+
+In one run, after measuring the copy bandwidth:
+
+1. ``decode-1`` / ``decode-N``: ms per decode step of a K2.5 cut (``--layers``, INT4
+   experts, random weights) with 1 and N running sequences, against the floor of the step
+   (bytes it must read: the non-expert weights, the distinct experts the tokens choose on
+   average, the cache; over the bandwidth);
+2. ``arrivals``: ``--requests`` prompts of ``--prompt`` tokens arriving one every
+   ``--every`` steps: throughput, time to first token and inter-token latency (p50, p99),
+   compilations after warm-up;
+3. ``compile``: seconds to compile the decode step of the cut and of the whole 61-layer
+   model (abstract weights, no memory);
+4. ``mla``: absorbed MLA attention of one layer over 4K, 32K and 128K cached tokens at
+   batch 1 and 32, against reading its cache and weights once.
+
+    PYTHONPATH=. python benchmarks/engine.py [--layers 8] [--slots 64] [--tiny]
+
+Each measurement is printed and appended to ``benchmarks/results/engine.jsonl`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+
+from kimi_jax.checkpoint.summary import device_bytes
+from kimi_jax.config.model import KimiConfig, builtin_config_dir
+from kimi_jax.inference.engine import Engine, SlotState, decode_step
+from kimi_jax.inference.steps import key_block_for
+from kimi_jax.model.cache import KVCache, LayerCache
+from kimi_jax.model.mla import MLA
+from kimi_jax.testing.models import random_model
+
+TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16,
+            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, vocab_size=1024,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def text_config(layers: int, tiny: bool) -> KimiConfig:
+    raw = json.loads((builtin_config_dir("kimi-k2.5") / "config.json").read_text())["text_config"]
+    raw["num_hidden_layers"] = layers
+    if tiny:
+        raw.update(TINY)
+    return KimiConfig.from_dict(raw)
+
+
+def step_floor_bytes(config: KimiConfig, tokens: int, cached: int) -> float:
+    """Bytes one decode step of ``tokens`` sequences with ``cached`` tokens each must read."""
+    cfg = config.text
+    sizes = device_bytes(config, jnp.bfloat16, "int4")
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = E * (1 - (1 - K / E) ** tokens)  # expected distinct experts per MoE layer
+    experts = sizes["routed_experts"] * touched / E
+    cache = tokens * cached * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    return sum(sizes.values()) - sizes["routed_experts"] + experts + cache
+
+
+def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> float:
+    """Median ms of the decode steps while every prompt's request is decoding."""
+    requests = [engine.submit(p, max_new_tokens=new) for p in prompts]
+    while not all(r.token_ids for r in requests):
+        engine.step()
+    times = []
+    while not any(r.done for r in requests):
+        t0 = time.perf_counter()
+        engine.step()
+        jax.block_until_ready(engine._slots.last)
+        times.append(time.perf_counter() - t0)
+    engine.run()
+    return 1e3 * float(np.median(times[2:] or times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--length", type=int, default=2304, help="cache tokens per slot")
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the arrivals workload")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--every", type=int, default=2, help="steps between arrivals")
+    parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "arrivals", "compile", "mla"])
+    parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
+    parser.add_argument("--out", default=str(RESULTS / "engine.jsonl"))
+    args = parser.parse_args()
+
+    bw = copy_bandwidth(1 << 24 if args.tiny else 2 << 30)
+    print(f"{device_name()}, jax {jax.__version__}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    common = dict(layers=args.layers, tiny=args.tiny, bandwidth_tb_s=round(bw / 1e12, 3))
+    config = text_config(args.layers, args.tiny)
+    rng = np.random.default_rng(0)
+    V = config.text.vocab_size
+
+    if "decode" not in args.skip or "arrivals" not in args.skip:
+        t0 = time.perf_counter()
+        model = random_model(config, expert_format="int4")
+        jax.block_until_ready(nnx.state(model))
+        print(f"random {args.layers}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
+        engine = Engine(model, max_slots=args.slots, max_length=args.length, prefill_chunk=args.chunk)
+
+    if "decode" not in args.skip:
+        short = 128
+        for batch in (1, args.slots):
+            prompts = [rng.integers(0, V, short).tolist() for _ in range(batch)]
+            decode_ms(engine, prompts, 4)  # compile and warm up
+            ms = decode_ms(engine, prompts, args.new)
+            floor = step_floor_bytes(config, batch, short + args.new // 2) / bw * 1e3
+            row = record(args.out, bench="decode", batch=batch, ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+                         floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1), **common)
+            print(row, flush=True)
+
+    if "arrivals" not in args.skip:
+        prompts = [rng.integers(0, V, args.prompt).tolist() for _ in range(args.requests)]
+        warm = engine.stats()["compilations"]
+        submitted, stamps, requests = {}, {}, []
+        t_start = time.perf_counter()
+        step = 0
+        while len(requests) < len(prompts) or not all(r.done for r in requests):
+            if len(requests) < len(prompts) and step % args.every == 0:
+                r = engine.submit(prompts[len(requests)], max_new_tokens=args.new)
+                submitted[r.id], stamps[r.id] = time.perf_counter(), []
+                requests.append(r)
+            engine.step()
+            now = time.perf_counter()
+            for r in requests:
+                while len(stamps[r.id]) < len(r.token_ids):
+                    stamps[r.id].append(now)
+            step += 1
+        total = time.perf_counter() - t_start
+        ttft = [stamps[r.id][0] - submitted[r.id] for r in requests]
+        itl = [b - a for r in requests for a, b in zip(stamps[r.id], stamps[r.id][1:])]
+        row = record(
+            args.out, bench="arrivals", requests=args.requests, prompt=args.prompt, new=args.new, slots=args.slots,
+            chunk=args.chunk, seconds=round(total, 2),
+            output_tokens_per_s=round(sum(len(r.token_ids) for r in requests) / total, 1),
+            prompt_tokens_per_s=round(args.requests * args.prompt / total, 1),
+            ttft_p50_s=round(float(np.percentile(ttft, 50)), 3), ttft_p99_s=round(float(np.percentile(ttft, 99)), 3),
+            itl_p50_ms=round(1e3 * float(np.percentile(itl, 50)), 2),
+            itl_p99_ms=round(1e3 * float(np.percentile(itl, 99)), 2),
+            compilations_after_warm_up=engine.stats()["compilations"] - warm, **common,
+        )
+        print(row, flush=True)
+        del engine, model
+
+    if "compile" not in args.skip:
+        for layers in (args.layers, 61):
+            cfg = text_config(layers, args.tiny)
+            from kimi_jax.model.kimi import Kimi
+
+            abstract = nnx.eval_shape(lambda: Kimi(cfg, dtype=jnp.bfloat16, expert_format="int4"))
+            graphdef, state = nnx.split(abstract.language_model)
+            slots = jax.eval_shape(lambda: SlotState.create(KVCache.create(cfg.text, args.slots, args.length)))
+            block = key_block_for(cfg.text, args.slots, 1, args.length, None)
+            t0 = time.perf_counter()
+            decode_step.lower(graphdef, state, slots, key_block=block).compile()
+            seconds = time.perf_counter() - t0
+            print(record(args.out, bench="compile", model_layers=layers, compile_s=round(seconds, 2), **common),
+                  flush=True)
+
+    if "mla" not in args.skip:
+        cfg = config.text
+        mla = MLA(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(mla)))
+
+        @nnx.jit(static_argnames="block")
+        def attend(mla, x, cache, positions, block):
+            cos, sin = _rope(cfg, positions)
+            return mla.cached(x, cos, sin, positions, cache, absorbed=True, key_block=block)
+
+        for cached in ((4096, 32768, 131072) if not args.tiny else (256, 1024)):
+            for batch in (1, 32):
+                C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+                key = jax.random.key(cached + batch)
+                cache = LayerCache(jax.random.normal(key, (batch, cached, C), jnp.bfloat16),
+                                   jax.random.normal(key, (batch, cached, R), jnp.bfloat16))
+                x = jax.random.normal(key, (batch, 1, cfg.hidden_size), jnp.bfloat16)
+                positions = jnp.full((batch, 1), cached - 1, jnp.int32)
+                block = key_block_for(cfg, batch, 1, cached, None)
+                seconds = median_seconds(lambda: attend(mla, x, cache, positions, block))
+                floor = (cache.c_kv.nbytes + cache.k_pe.nbytes + weights) / bw
+                print(record(args.out, bench="mla", batch=batch, cached=cached, ms=round(seconds * 1e3, 3),
+                             floor_ms=round(floor * 1e3, 3), floor_ratio=round(floor / seconds, 3), **common),
+                      flush=True)
+                del cache
+
+
+def _rope(cfg, positions):
+    from kimi_jax.model.layers import rope_attention_factor, rope_table, yarn_inv_freq
+
+    return rope_table(positions, jnp.asarray(yarn_inv_freq(cfg)), rope_attention_factor(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The serving engine: continuous batching over slots, sampling on the device, prefix reuse."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kimi_jax
+from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.steps import BatchEngine
+from kimi_jax.testing.synthetic import TINY_TEXT, k25_config, write_checkpoint
+
+LENGTHS = [7, 3, 12, 5, 9, 1]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    work = tmp_path_factory.mktemp("serving")
+    src = write_checkpoint(work / "hf", k25_config(TINY_TEXT, multimodal=False), seed=11, dtype="float32")
+    return kimi_jax.load(kimi_jax.convert(src, work / "converted", dtype="float32", progress=False))
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    rng = np.random.default_rng(4)
+    return [rng.integers(0, model.config.text.vocab_size, n).tolist() for n in LENGTHS]
+
+
+def engine(model, **kwargs):
+    return Engine(model, **{"max_slots": 3, "max_length": 64, "prefill_chunk": 4, "cache_dtype": jnp.float32,
+                            **kwargs})
+
+
+@pytest.fixture(scope="module")
+def solo(model, prompts):
+    """Each prompt's greedy tokens, run alone through the batch path (prefill + decode)."""
+    steps = BatchEngine(model)
+    out = []
+    for prompt in prompts:
+        cache = steps.new_cache(1, 64, jnp.float32)
+        logits, cache = steps.prefill([prompt], cache, chunk=4)
+        tokens = []
+        for _ in range(NEW):
+            tokens.append(int(jnp.argmax(logits[0])))
+            logits, cache = steps.decode(jnp.asarray(tokens[-1:]), cache)
+        out.append(tokens)
+    return out
+
+
+def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo):
+    eng = engine(model)
+    requests = []
+    for step, prompt in enumerate(prompts):  # one new request per step, more requests than slots
+        requests.append(eng.submit(prompt, max_new_tokens=NEW))
+        for _ in range(step % 3):
+            eng.step()
+    eng.run()
+    assert [r.token_ids for r in requests] == solo
+    assert all(r.done and r.finish_reason == "length" for r in requests)
+    stats = eng.stats()
+    assert stats["free_slots"] == 3 and stats["running"] == 0
+    assert stats["decoded_tokens"] == NEW * len(prompts)
+
+
+def test_no_compilation_after_warm_up(model, prompts):
+    eng = engine(model)
+    eng.submit(prompts[0], max_new_tokens=3)
+    eng.run()
+    warm = eng.stats()["compilations"]
+    for prompt in prompts[1:]:  # other lengths, other slots, other sampling settings
+        eng.submit(prompt, max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, seed=3)
+    eng.run()
+    assert eng.stats()["compilations"] == warm
+
+
+def test_stop_ids_and_streaming(model, prompts, solo):
+    eng = engine(model)
+    stop = solo[2][3]
+    request = eng.submit(prompts[2], max_new_tokens=NEW, stop_ids=[stop])
+    streamed = list(request.stream())
+    end = solo[2].index(stop) + 1
+    assert streamed == request.token_ids == solo[2][:end]
+    assert request.finish_reason == "stop"
+
+
+def test_sampling_is_seeded_per_request(model, prompts):
+    """A request's samples depend on its seed, not on what else runs or where it lands."""
+    settings = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=20)
+    alone = engine(model, max_slots=1)
+    a = alone.submit(prompts[0], seed=7, **settings)
+    alone.run()
+    crowded = engine(model)
+    others = [crowded.submit(p, seed=i, **settings) for i, p in enumerate(prompts[1:4])]
+    crowded.step()
+    b = crowded.submit(prompts[0], seed=7, **settings)
+    crowded.run()
+    assert a.token_ids == b.token_ids
+    assert any(o.token_ids != a.token_ids for o in others)
+    c = alone.submit(prompts[0], seed=8, **settings)
+    alone.run()
+    assert c.token_ids != a.token_ids
+
+
+def test_second_turn_prefills_only_the_new_tokens(model, prompts, solo):
+    eng = engine(model)
+    first = eng.submit(prompts[2], max_new_tokens=NEW)
+    eng.run()
+    before = eng.stats()["prefilled_tokens"]
+    follow_up = [5, 9, 2]
+    turn = prompts[2] + first.token_ids + follow_up
+    second = eng.submit(turn, max_new_tokens=NEW)
+    eng.run()
+    fed = len(prompts[2]) + NEW - 1  # the last sampled token was never fed
+    assert second.cached_prefix == fed
+    assert eng.stats()["prefilled_tokens"] - before == len(turn) - fed == len(follow_up) + 1
+    fresh = engine(model)
+    again = fresh.submit(turn, max_new_tokens=NEW)
+    fresh.run()
+    assert second.token_ids == again.token_ids
+
+
+def test_prefix_shared_from_a_busy_slot(model, prompts):
+    """A request sharing a system prompt with a running one copies its cache instead of prefilling it."""
+    system = prompts[2] + prompts[4]
+    eng = engine(model)
+    long_running = eng.submit(system + [1], max_new_tokens=30)
+    while not long_running.token_ids:
+        eng.step()
+    before = eng.stats()["prefilled_tokens"]
+    other = eng.submit(system + [2, 3], max_new_tokens=NEW)
+    eng.run()
+    assert other.cached_prefix == len(system)
+    assert eng.stats()["prefilled_tokens"] - before == 2
+    fresh = engine(model)
+    again = fresh.submit(system + [2, 3], max_new_tokens=NEW)
+    fresh.run()
+    assert other.token_ids == again.token_ids
+
+
+def test_full_slot_ends_with_length(model, prompts):
+    eng = engine(model, max_length=16)
+    request = eng.submit(prompts[2], max_new_tokens=50)  # 12 prompt tokens, 16 slots
+    eng.run()
+    assert request.finish_reason == "length" and len(request.token_ids) == 16 - 12 + 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop_ids=range(20)), "stop ids"),
+])
+def test_bad_requests(model, prompts, bad, match):
+    with pytest.raises(ValueError, match=match):
+        engine(model).submit(prompts[0], **bad)
+    with pytest.raises(ValueError, match="max_length"):
+        engine(model, max_length=8).submit(prompts[2])
+
+
+@pytest.mark.mesh
+@pytest.mark.parametrize("mesh", ["data=2,expert=2,tensor=2", "data=1,expert=8,tensor=1"])
+def test_sharded_engine_equals_single_device(model, prompts, solo, mesh):
+    sharded = kimi_jax.parallel.shard_model(model, mesh)
+    eng = Engine(sharded, max_slots=4, max_length=64, prefill_chunk=4, cache_dtype=jnp.float32)
+    requests = [eng.submit(p, max_new_tokens=NEW) for p in prompts[:4]]
+    eng.run()
+    assert [r.token_ids for r in requests] == solo[:4]

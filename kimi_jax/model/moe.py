@@ -6,7 +6,11 @@ The routed experts have two implementations sharing one router:
 - ``reference``: every token gathers the weights of its K chosen experts. Obviously right,
   memory-hungry; the yardstick the other path is tested against.
 - ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
-  contiguous groups (:func:`grouped_matmul`), unsorted and combined. The production path.
+  contiguous groups (:func:`swiglu_grouped`), unsorted and combined. The production path.
+  INT4 experts use the fused Pallas kernel on GPUs (``kimi_jax.kernels.int4_grouped``:
+  int4 values and scales read once, dequantized in registers) and XLA elsewhere;
+  ``grouped-pallas`` / ``grouped-xla`` choose one explicitly (Pallas off the GPU runs in
+  interpret mode, for tests).
 
 The experts' storage format (``EXPERT_FORMATS``):
 - ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
@@ -14,9 +18,9 @@ The experts' storage format (``EXPERT_FORMATS``):
   device: per projection ``q`` int4 ``[E, out, in]`` and bfloat16 ``scales``
   ``[E, out, in / 32]`` (W = q * scale), 4.5 bits per weight. Weights are dequantized to
   the activations' dtype only where they are used: the reference path dequantizes each
-  token's gathered experts; the grouped path dequantizes one projection of the experts
+  token's gathered experts; the XLA grouped path dequantizes one projection of the experts
   taking part (all E when the token copies outnumber the experts, otherwise only the ones
-  chosen) just before its grouped matmul.
+  chosen) just before its grouped matmul; the Pallas kernel dequantizes tiles in registers.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from kimi_jax.config.model import TextConfig
+from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
 from kimi_jax.model.layers import Buffer, Quantized, weight
 from kimi_jax.parallel.expert import expert_parallel_moe
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
 
-MOE_IMPLS = ("grouped", "reference")
+MOE_IMPLS = ("grouped", "grouped-xla", "grouped-pallas", "reference")
 EXPERT_FORMATS = ("dense", "int4")
 INT4_GROUP_SIZE = 32
 """Input columns per scale in the ``int4`` format (Kimi K2.5 / K2-Thinking use 32)."""
@@ -191,22 +196,46 @@ def _experts_in_use(sizes: jax.Array, rows: int, quantized: bool) -> tuple[jax.A
     return jnp.where(jnp.arange(rows) < jnp.count_nonzero(sizes), sizes[used], 0), used
 
 
-def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
-    """Token copies sorted by expert, grouped matmuls, unsorted: [T, D] -> [T, K, D].
+def int4_kernel(impl: str) -> str:
+    """The INT4 grouped matmul a grouped ``impl`` uses: ``"pallas"`` (the fused kernel of
+    ``kimi_jax.kernels.int4_grouped``; ``"grouped"`` picks it on GPUs) or ``"xla"``
+    (dequantize, then ``ragged_dot``)."""
+    if impl == "grouped":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl.removeprefix("grouped-")
 
-    INT4 experts with fewer token copies than experts (decoding) first gather the experts
-    in use (at most T * K, padded with empty groups), so only those are dequantized.
+
+def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> jax.Array:
+    """SwiGLU of ``rows`` [M, D] grouped contiguously by expert (``sizes`` [E] rows each)
+    through the experts' raw weights ``w`` (``nnx.state(experts).to_pure_dict()``) -> [M, D].
+
+    INT4 with the ``"pallas"`` kernel reads only the experts with rows, in one launch per
+    projection (in interpret mode off the GPU). With ``"xla"`` and fewer rows than experts
+    (decoding), the experts in use are gathered first (at most M, padded with empty groups),
+    so only those are dequantized.
     """
+    quantized = isinstance(w["gate_proj"], dict)
+    if quantized and kernel == "pallas":
+        interpret = jax.default_backend() != "gpu"
+
+        def matmul(x, proj):
+            return int4_grouped_matmul(x, proj["q"], proj["scales"], sizes, interpret=interpret)
+
+        return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
+    sizes, used = _experts_in_use(sizes, rows.shape[0], quantized)
+    h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
+    h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
+    return grouped_matmul(h, w["down_proj"], sizes, used)
+
+
+def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array, kernel: str = "xla") -> jax.Array:
+    """Token copies sorted by expert, grouped matmuls (:func:`swiglu_grouped`), unsorted:
+    [T, D] -> [T, K, D]."""
     T, K = idx.shape
-    E = experts.n_experts
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    rows = x[order // K]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    sizes, used = _experts_in_use(sizes, T * K, isinstance(experts, Int4Experts))
-    h = jax.nn.silu(grouped_matmul(rows, experts.gate_proj, sizes, used))
-    h = h * grouped_matmul(rows, experts.up_proj, sizes, used)
-    out = grouped_matmul(h, experts.down_proj, sizes, used)
+    sizes = jnp.bincount(flat, length=experts.n_experts).astype(jnp.int32)
+    out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel)
     return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
 
 
@@ -245,11 +274,13 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)
             self.sow(nnx.Intermediate, "router_weights", weights)
-        if self.parallel is not None and self.impl == "grouped":
+        if self.parallel is not None and self.impl != "reference":
             routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout)
         else:
-            run = experts_grouped if self.impl == "grouped" else experts_reference
-            per_expert = run(self.experts, tokens, idx)
+            per_expert = (
+                experts_reference(self.experts, tokens, idx) if self.impl == "reference"
+                else experts_grouped(self.experts, tokens, idx, int4_kernel(self.impl))
+            )
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)
@@ -263,13 +294,12 @@ class MoE(nnx.Module):
             {path: layout.spec(var.get_metadata()["axes"], var.shape) for path, var in nnx.to_flat_state(state)}
         )
 
+        kernel = int4_kernel(self.impl)
+
         def local(w, rows, ids):
             e_local = jax.tree.leaves(w["gate_proj"])[0].shape[0]
             sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
-            sizes, used = _experts_in_use(sizes, rows.shape[0], isinstance(w["gate_proj"], dict))
-            h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
-            h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
-            return grouped_matmul(h, w["down_proj"], sizes, used)
+            return swiglu_grouped(w, rows, sizes, kernel)
 
         return expert_parallel_moe(
             tokens, idx, weights, values, specs, local, mesh=mesh, n_experts=self.experts.n_experts,

@@ -9,11 +9,13 @@ from kimi_jax.config.model import (
     UnsupportedConfigError,
     kimi_k25_config,
 )
+from kimi_jax.inference.engine import Engine
 from kimi_jax.inference.generate import generate
 from kimi_jax.media.placeholders import expand_media_placeholders
 from kimi_jax.model import Kimi
 
 __all__ = [
+    "Engine",
     "ChecksumError",
     "ConversionError",
     "Kimi",

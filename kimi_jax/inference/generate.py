@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from kimi_jax.chat.template import ChatTemplate
 from kimi_jax.chat.tokenizer import Tokenizer
 from kimi_jax.inference.engine import Engine
 from kimi_jax.inference.sampling import RECOMMENDED_SAMPLING, Sampling
+from kimi_jax.inference.steps import CACHE_ROUNDING
 from kimi_jax.media.placeholders import (
     conversation_media,
     expand_media_placeholders,
@@ -37,6 +39,7 @@ from kimi_jax.media.placeholders import (
     preprocess_conversation_media,
 )
 from kimi_jax.media.preprocess import PreprocessConfig
+from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi
 
 MODES = tuple(RECOMMENDED_SAMPLING)
@@ -81,7 +84,7 @@ def _is_token_ids(prompt: Any) -> bool:
     if isinstance(prompt, np.ndarray | jax.Array):
         return prompt.ndim == 1 and jnp.issubdtype(prompt.dtype, jnp.integer)
     return isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(
-        isinstance(t, int | np.integer) for t in prompt
+        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt
     )
 
 
@@ -131,9 +134,9 @@ def _encode_prompt(
 
 def _attach_media(
     model: Kimi, prompts: list[_Prompt], pixel_values: Any, grid_thws: Any
-) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:
-    """The prompts with each medium's placeholder run expanded, and the media of the batch
-    in prompt order (None without media).
+) -> tuple[list[list[int]], list[tuple[np.ndarray, np.ndarray] | None]]:
+    """The prompts with each medium's placeholder run expanded, and each prompt's media
+    (``pixel_values``, ``grid_thws``; None without media).
 
     Conversations bring their own media; the token-id and text prompts share ``pixel_values``
     / ``grid_thws``, one medium per run of placeholders, in order.
@@ -147,7 +150,7 @@ def _attach_media(
         given = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
     patches = np.concatenate([[0], np.cumsum(given[1].prod(axis=1))]).astype(int)
     taken = 0
-    expanded, pixels, grids = [], [], []
+    expanded, per_prompt = [], []
     for i, p in enumerate(prompts):
         runs = len(placeholder_runs(np.asarray(p.ids), placeholder)) if placeholder is not None else 0
         if p.media is not None:
@@ -169,18 +172,16 @@ def _attach_media(
                 p.ids, media[1], placeholder_id=placeholder, merge_kernel_size=vision.merge_kernel_size
             )
             expanded.append(ids.tolist())
-            pixels.append(media[0])
-            grids.append(media[1])
+            per_prompt.append(media)
         else:
             expanded.append(p.ids)
+            per_prompt.append(None)
     if taken != len(given[1]):
         raise ValueError(
             f"grid_thws has {len(given[1])} media, but the token-id and text prompts hold only {taken} "
             "image or video placeholders"
         )
-    if not grids:
-        return expanded, None, None
-    return expanded, np.concatenate(pixels), np.concatenate(grids)
+    return expanded, per_prompt
 
 
 def generation_stop_ids(folder: str | Path) -> list[int]:
@@ -245,8 +246,11 @@ def generate(
     Generation stops per prompt at ``<|im_end|>`` or ``[EOS]`` (with a tokenizer; without
     one at the config's ``eos_token_id``), at any of ``stop_ids``, or after
     ``max_new_tokens``. ``on_token(index, token_id)`` is called for every new token as it
-    is produced. ``prefill_chunk``, ``cache_dtype`` and ``cache_length`` are passed to
-    :meth:`kimi_jax.inference.engine.Engine.stream`.
+    is produced. The batch runs on a :class:`~kimi_jax.inference.engine.Engine` with one
+    slot per prompt of ``cache_length`` tokens (default: the longest prompt plus
+    ``max_new_tokens``, rounded up to a multiple of 128 within the model's context), fed
+    ``prefill_chunk`` prompt tokens per step, its cache in ``cache_dtype``; prompt ``i``
+    samples with seed ``seed + i``.
 
     Media: conversations' image and video parts (see
     :func:`kimi_jax.media.placeholders.conversation_media`: file paths, PIL images, arrays,
@@ -284,7 +288,8 @@ def generate(
     thinking = mode == "thinking"
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     encoded = [_encode_prompt(i, p, tokenizer, template, tools, thinking, preprocessor) for i, p in enumerate(prompts)]
-    prompt_ids, pixel_values, grid_thws = _attach_media(model, encoded, pixel_values, grid_thws)
+    prompt_ids, media = _attach_media(model, encoded, pixel_values, grid_thws)
+    check_prompts(prompt_ids, model.config.text.vocab_size)
 
     defaults = RECOMMENDED_SAMPLING[mode]
     sampling = Sampling(
@@ -295,24 +300,36 @@ def generate(
     stops = set(stop_ids) | set(folder_stops)
     if tokenizer is not None:
         stops.update(tokenizer.stop_ids)
-    elif model.config.eos_token_id is not None:
-        stops.add(model.config.eos_token_id)
+    else:
+        stops.update(model.config.eos_token_ids)
 
-    outputs: list[list[int]] = [[] for _ in encoded]
-    steps = Engine(model).stream(
-        prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
-        key=jax.random.key(seed), stop_ids=stops, prefill_chunk=prefill_chunk,
-        cache_length=cache_length, cache_dtype=cache_dtype, pixel_values=pixel_values, grid_thws=grid_thws,
-    )
-    for tokens in steps:
-        for i, token in enumerate(tokens.tolist()):
-            if token >= 0:
-                outputs[i].append(token)
-                if on_token is not None:
-                    on_token(i, token)
+    longest = max(map(len, prompt_ids))
+    context = model.config.text.max_position_embeddings
+    if cache_length is None:
+        wanted = longest + max_new_tokens
+        cache_length = min(-(-wanted // CACHE_ROUNDING) * CACHE_ROUNDING, context)
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > min(cache_length, context):
+            limit = (f"the model's context (max_position_embeddings = {context})" if cache_length >= context
+                     else f"the cache ({cache_length} tokens)")
+            raise ValueError(f"prompt {i} has {len(ids)} tokens: longer than {limit}")
+    engine = Engine(model, max_slots=len(prompt_ids), max_length=cache_length, prefill_chunk=prefill_chunk,
+                    cache_dtype=cache_dtype)
+    requests = [
+        engine.submit(
+            ids, max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, seed=seed + i, stop_ids=sorted(stops),
+            on_token=None if on_token is None else functools.partial(on_token, i),
+            pixel_values=None if m is None else m[0], grid_thws=None if m is None else m[1],
+        )
+        for i, (ids, m) in enumerate(zip(prompt_ids, media, strict=True))
+    ]
+    engine.run()
+    encoded_ids = prompt_ids
+    outputs = [r.token_ids for r in requests]
 
     results = []
-    for prompt, ids, out in zip(encoded, prompt_ids, outputs, strict=True):
+    for prompt, ids, out in zip(encoded, encoded_ids, outputs, strict=True):
         stopped = out[-1] in stops
         result = GenerationResult(ids, out, "stop" if stopped else "length")
         if tokenizer is not None:

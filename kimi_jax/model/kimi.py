@@ -212,7 +212,5 @@ def _forward(
     model: Kimi, input_ids: jax.Array, pixel_values: jax.Array | None, grids: tuple[Grid, ...],
     positions: jax.Array | None, attention_mask: jax.Array | None,
 ) -> jax.Array:
-    if not grids:
-        return model.language_model(input_ids, positions=positions, attention_mask=attention_mask)
     embeds = model.spliced_embeddings(input_ids, input_ids == model._placeholder_id(), pixel_values, grids)
     return model.language_model(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask)

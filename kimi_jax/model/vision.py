@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from kimi_jax.config.model import Fields, UnsupportedConfigError, is_int
+from kimi_jax.media.tokens import num_media_tokens
 from kimi_jax.model.layers import apply_rope, weight
 
 Grid = tuple[int, int, int]
@@ -87,9 +88,7 @@ class VisionConfig:
 
     def num_tokens(self, grid: Sequence[int]) -> int:
         """Decoder tokens of one medium (a video chunk is pooled over its frames)."""
-        _, h, w = grid
-        kh, kw = self.merge_kernel_size
-        return (h // kh) * (w // kw)
+        return num_media_tokens(grid, self.merge_kernel_size)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VisionConfig:

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from orbax.checkpoint import v1 as ocp
 
 from kimi_jax.checkpoint import integrity
@@ -66,7 +67,8 @@ def load(
     *,
     dtype: str | jnp.dtype | None = None,
     moe_impl: str = "grouped",
-    mesh: str | Path | Layout | Parallel | None = None,
+    mesh: str | Path | Layout | Parallel | Mesh | None = None,
+    devices: list | None = None,
     vision_attention: str | None = None,
     verify: bool = False,
 ) -> Kimi:
@@ -76,10 +78,12 @@ def load(
     while they are read. INT4 experts (``expert_format`` ``"int4"`` in ``kimi_jax.json``)
     stay int4 with bfloat16 scales whatever ``dtype``; they are dequantized to it in use.
 
-    ``mesh`` (a layout name such as ``gpu-2``, a TOML path, ``data=1,expert=4,tensor=2`` or
-    a :class:`~kimi_jax.parallel.Layout` or :class:`~kimi_jax.parallel.Parallel`) restores every array straight into its sharding on
-    that mesh (each process reads only the shards its devices hold) and makes the model run
-    there; without it the model lives on the first device. The vision tower's and projector's
+    ``mesh`` (a layout name such as ``gpu-2``, a TOML path, ``data=1,expert=4,tensor=2``, a
+    :class:`~kimi_jax.parallel.Layout` or :class:`~kimi_jax.parallel.Parallel`, or a
+    ``jax.sharding.Mesh`` with layout axis names) restores every array straight into its
+    sharding on that mesh (each process reads only the shards its devices hold) and makes the
+    model run there; ``devices`` picks the layout's devices (default: all). Without a mesh
+    the model lives on the first device. The vision tower's and projector's
     logical axes are named by no layout, so they are replicated.
 
     ``vision_attention`` is the vision tower's attention implementation (``None`` for XLA,
@@ -100,7 +104,7 @@ def load(
     config = KimiConfig.from_file(path / "config.json")
     dtype = jnp.dtype(DTYPES[info["dtype"]] if dtype is None else dtype)
     expert_format = info.get("expert_format", "dense")
-    parallel = None if mesh is None else mesh if isinstance(mesh, Parallel) else Parallel.create(mesh)
+    parallel = None if mesh is None else mesh if isinstance(mesh, Parallel) else Parallel.create(mesh, devices)
     abstract = nnx.eval_shape(
         lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl, expert_format=expert_format,
                      vision_attention=vision_attention, parallel=parallel)

@@ -46,6 +46,7 @@ from kimi_jax.model.cache import KVCache
 from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi, media_grids
 from kimi_jax.model.mla import absorbed_is_cheaper
+from kimi_jax.parallel.placement import to_host
 
 MAX_STOP_IDS = 16
 """Stop ids a request may give (the slot state holds a fixed-size row of them)."""
@@ -413,7 +414,7 @@ class Engine:
 
     def _collect(self, tokens: jax.Array, finished: jax.Array, owners: list[Request | None]) -> None:
         """Hands a step's tokens to their requests; frees the slots of finished ones."""
-        tokens, finished = np.asarray(tokens), np.asarray(finished)
+        tokens, finished = to_host(tokens), to_host(finished)
         for slot, request in enumerate(owners):
             if request is None or tokens[slot] < 0:
                 continue

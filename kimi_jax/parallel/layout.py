@@ -147,6 +147,15 @@ def packaged_layouts() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
 
 
+def mesh_layout(mesh: Mesh) -> Layout:
+    """The layout of an existing ``jax.sharding.Mesh``: its axes (named like
+    :data:`MESH_AXES`) with the default rules."""
+    unknown = set(mesh.axis_names) - set(MESH_AXES)
+    if unknown:
+        raise LayoutError(f"mesh axes {sorted(unknown)} are not layout axes; name the mesh's axes from {list(MESH_AXES)}")
+    return _from_dict("mesh(" + ",".join(f"{a}={n}" for a, n in mesh.shape.items()) + ")", {"mesh": dict(mesh.shape)})
+
+
 def load_layout(spec: str | Path | Layout) -> Layout:
     """A layout from a packaged name (``gpu-2``), a TOML path, or ``data=1,expert=4,tensor=2``."""
     if isinstance(spec, Layout):

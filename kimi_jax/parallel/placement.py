@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from kimi_jax.parallel.layout import Layout, LayoutError, load_layout
+from kimi_jax.parallel.layout import Layout, LayoutError, load_layout, mesh_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,15 @@ class Parallel:
     layout: Layout
 
     @classmethod
-    def create(cls, layout: str | Path | Layout, devices: list | None = None) -> Parallel:
+    def create(cls, layout: str | Path | Layout | Mesh, devices: list | None = None) -> Parallel:
         """The layout (a name, TOML path, inline mesh or :class:`Layout`) on ``devices``
-        (default: all devices of all processes)."""
+        (default: all devices of all processes; a layout may use fewer). A
+        ``jax.sharding.Mesh`` whose axis names are layout axes (``data``, ``expert``,
+        ``tensor``) is taken as it is, with the default rules."""
+        if isinstance(layout, Mesh):
+            if devices is not None:
+                raise LayoutError("a Mesh brings its own devices; pass devices= only with a layout")
+            return cls(layout, mesh_layout(layout))
         layout = load_layout(layout)
         return cls(layout.make_mesh(devices), layout)
 

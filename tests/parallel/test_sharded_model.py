@@ -1,5 +1,6 @@
 """Sharded models on 8 CPU devices equal the single-device model: logits and greedy generations."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,3 +53,17 @@ def test_shard_model_from_a_loaded_model(reference):
     assert np.abs(np.asarray(sharded(ids)) - logits).max() / np.abs(logits).max() < 1e-5
     assert model.parallel is None  # the original stays on one device
     assert sharded.language_model.layers[1].mlp.parallel is sharded.parallel
+
+
+def test_load_onto_a_jax_mesh_and_onto_fewer_devices(checkpoint, reference):
+    """A ``jax.sharding.Mesh`` with layout axis names, and a layout over part of the devices."""
+    _, ids, logits, _, _ = reference
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    model = kimi_jax.load(checkpoint, mesh=mesh)
+    assert model.parallel.mesh is mesh and model.parallel.layout.mesh_axes_of("expert") == ("expert",)
+    assert np.abs(np.asarray(model(ids)) - logits).max() / np.abs(logits).max() < 1e-5
+    half = kimi_jax.load(checkpoint, mesh="data=1,expert=4,tensor=1", devices=jax.devices()[:4])
+    assert len(half.language_model.layers[1].mlp.experts.gate_proj.sharding.device_set) == 4
+    assert np.abs(np.asarray(half(ids)) - logits).max() / np.abs(logits).max() < 1e-5
+    with pytest.raises(kimi_jax.parallel.LayoutError, match="not layout axes"):
+        kimi_jax.load(checkpoint, mesh=jax.make_mesh((8,), ("model",)))

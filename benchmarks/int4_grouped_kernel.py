@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import floors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,17 +60,6 @@ PROJ = {"gate_up": (2048, 7168), "down": (7168, 2048)}  # (out, in)
 INTERPRET = False  # --dry-run: tiny sizes through Pallas' interpreter (checks the script on a CPU)
 
 
-def wall(fn, *args, iters):
-    """Median seconds per call of ``fn(*args)`` (after a compiling warm-up call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def looped(matmul, xs, gss, q, s, iters):
     """Seconds per call with ``iters`` calls inside one jit, rotating over the input sets."""
     r = xs.shape[0]
@@ -100,12 +90,7 @@ def routing(tokens, seed):
 
 
 def copy_bandwidth():
-    n = 1 << (20 if INTERPRET else 30)  # 2 GiB of bf16
-    a = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2)
-    sec = wall(f, a, iters=20)
-    del a
-    return 2 * 2 * n / sec
+    return floors.copy_bandwidth(1 << (21 if INTERPRET else 31))
 
 
 def max_rel(y, ref):
@@ -188,7 +173,7 @@ def main():
 
                         try:
                             if m > 2048:
-                                sec = wall(jax.jit(fn), x, qk, s, gs, iters=5)
+                                sec = floors.median_seconds(jax.jit(fn), x, qk, s, gs, iters=5)
                             else:
                                 sec = looped(fn, x[None], gs[None], qk, s, 50)
                         except Exception as exc:  # noqa: BLE001 - a config that does not compile
@@ -240,7 +225,7 @@ def main():
                         w = ig.reference(xs[0][a:b], q[e:e + 1], s[e:e + 1], jnp.asarray([b - a], jnp.int32))
                         errs.append(max_rel(y[a:b], w))
                     err = max(errs)
-                sec = looped(mm, xs, gss_j, qk, s, iters) if m <= 2048 else wall(jax.jit(mm), xs[0], qk, s,
+                sec = looped(mm, xs, gss_j, qk, s, iters) if m <= 2048 else floors.median_seconds(jax.jit(mm), xs[0], qk, s,
                                                                                      gss_j[0], iters=iters)
                 record(m=m, tokens=tokens, proj=proj, impl=f"pallas-{lname}", ms=sec * 1e3, bytes=int(need),
                        tb_s=need / sec / 1e12, bw_ratio=need / sec / bw, experts=used, tflops=flops / sec / 1e12,

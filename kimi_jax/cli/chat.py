@@ -23,6 +23,7 @@ from kimi_jax.cli.common import (
     checkpoint_tokenizer,
     error_message,
     generate_kwargs,
+    positive_int,
     user_message,
     user_path,
 )
@@ -50,7 +51,15 @@ class Chat:
     """The conversation and one reply per user message, under the context policy."""
 
     def __init__(self, args: argparse.Namespace, model, tokenizer, preprocessor, stop_ids: list[int]):
+        import jax.numpy as jnp
+
+        import kimi_jax
+
         self.args, self.model, self.tokenizer = args, model, tokenizer
+        # One slot kept across turns: each turn prefills only what the previous one did not hold.
+        self.max_length = min(args.max_length, model.config.text.max_position_embeddings)
+        self.engine = kimi_jax.Engine(model, max_slots=1, max_length=self.max_length,
+                                      prefill_chunk=args.prefill_chunk, cache_dtype=jnp.dtype(args.cache_dtype))
         self.preprocessor, self.stop_ids = preprocessor, stop_ids
         self.system = [{"role": "system", "content": args.system}] if args.system else []
         self.history: list[dict] = []  # the turns after the system message
@@ -78,7 +87,7 @@ class Chat:
                 [result] = kimi_jax.generate(
                     self.model, [self.system + kept + [message]], tokenizer=self.tokenizer,
                     preprocessor=self.preprocessor, seed=self.args.seed + self.turn, stop_ids=self.stop_ids,
-                    on_token=on_token, **generate_kwargs(self.args),
+                    on_token=on_token, engine=self.engine, **generate_kwargs(self.args),
                 )
             except BaseException as e:
                 if printer.section is not None:  # a reply broken off midway: end its line
@@ -89,9 +98,8 @@ class Chat:
                     raise ValueError(f"message refused, it does not fit even without the earlier turns: {e}") from e
                 raise
             printer.close()
-            context = self.model.config.text.max_position_embeddings
-            if result.finish_reason == "length" and len(result.prompt_ids) + len(result.token_ids) >= context:
-                print("[note: the reply was cut short at the end of the model's context]")
+            if result.finish_reason == "length" and len(result.prompt_ids) + len(result.token_ids) > self.max_length:
+                print(f"[note: the reply was cut short at the end of the context ({self.max_length} tokens)]")
             self.history = kept + [message, result.parsed.to_message()]
             self.turn += 1
             return
@@ -149,6 +157,9 @@ def register(sub) -> None:
     )
     add_generation_options(p)
     p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-length", type=positive_int, default=16384,
+                   help="tokens the conversation may hold (default 16384, at most the model's context); the "
+                        "cache keeps them between turns, so a turn prefills only its new tokens")
     p.add_argument("--image", action="append", metavar="PATH", type=user_path,
                    help="an image for the first message (repeatable)")
     p.set_defaults(func=run)

@@ -228,6 +228,7 @@ def generate(
     pixel_values: np.ndarray | None = None,
     grid_thws: np.ndarray | None = None,
     preprocessor: PreprocessConfig | None = None,
+    engine: Engine | None = None,
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt of a batch; one :class:`GenerationResult` each.
 
@@ -250,7 +251,9 @@ def generate(
     slot per prompt of ``cache_length`` tokens (default: the longest prompt plus
     ``max_new_tokens``, rounded up to a multiple of 128 within the model's context), fed
     ``prefill_chunk`` prompt tokens per step, its cache in ``cache_dtype``; prompt ``i``
-    samples with seed ``seed + i``.
+    samples with seed ``seed + i``. Pass an ``engine`` to run on it instead (its slots and
+    cache length; the other three are then unused): what its slots hold from earlier calls
+    is reused, so the next turn of a conversation prefills only its new tokens.
 
     Media: conversations' image and video parts (see
     :func:`kimi_jax.media.placeholders.conversation_media`: file paths, PIL images, arrays,
@@ -305,7 +308,9 @@ def generate(
 
     longest = max(map(len, prompt_ids))
     context = model.config.text.max_position_embeddings
-    if cache_length is None:
+    if engine is not None:
+        cache_length = engine.max_length
+    elif cache_length is None:
         wanted = longest + max_new_tokens
         cache_length = min(-(-wanted // CACHE_ROUNDING) * CACHE_ROUNDING, context)
     for i, ids in enumerate(prompt_ids):
@@ -313,8 +318,9 @@ def generate(
             limit = (f"the model's context (max_position_embeddings = {context})" if cache_length >= context
                      else f"the cache ({cache_length} tokens)")
             raise ValueError(f"prompt {i} has {len(ids)} tokens: longer than {limit}")
-    engine = Engine(model, max_slots=len(prompt_ids), max_length=cache_length, prefill_chunk=prefill_chunk,
-                    cache_dtype=cache_dtype)
+    if engine is None:
+        engine = Engine(model, max_slots=len(prompt_ids), max_length=cache_length, prefill_chunk=prefill_chunk,
+                        cache_dtype=cache_dtype)
     requests = [
         engine.submit(
             ids, max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -163,3 +163,14 @@ def test_sharded_engine_equals_single_device(model, prompts, solo, mesh):
     requests = [eng.submit(p, max_new_tokens=NEW) for p in prompts[:4]]
     eng.run()
     assert [r.token_ids for r in requests] == solo[:4]
+
+
+def test_generate_on_a_kept_engine_reuses_the_previous_turn(model, prompts, solo):
+    eng = engine(model, max_slots=1)
+    [first] = kimi_jax.generate(model, [prompts[2]], max_new_tokens=NEW, temperature=0.0, engine=eng)
+    assert first.token_ids == solo[2]
+    before = eng.stats()["prefilled_tokens"]
+    turn = prompts[2] + first.token_ids + [7, 8]
+    [second] = kimi_jax.generate(model, [turn], max_new_tokens=NEW, temperature=0.0, engine=eng)
+    assert eng.stats()["prefilled_tokens"] - before == 3  # the unfed last token and the two new ones
+    assert second.token_ids == kimi_jax.generate(model, [turn], max_new_tokens=NEW, temperature=0.0)[0].token_ids

@@ -10,7 +10,11 @@ the tokenizer was passed.
 Both prepare their inputs as Moonshot's tokenizer does: tools are key-sorted and declared as
 a TypeScript-style namespace (``kimi_jax.chat.tools``), and, as in transformers 5, message
 keys whose value is ``None`` are dropped and a message's reasoning may come as
-``reasoning_content``, ``thinking`` or ``reasoning``. Conversations are checked first
+``reasoning_content``, ``thinking`` or ``reasoning``. Tool-call ids that are not K2.5's own
+``functions.NAME:INDEX`` (OpenAI's ``call_...``, ``0``, Anthropic's ``toolu_...``) are
+rewritten to it, with the ``tool_call_id`` of the results that answer them
+(:mod:`kimi_jax.chat.tool_ids`; :func:`~kimi_jax.chat.tool_ids.normalize_tool_ids` gives
+the map back to the client's ids), so a history never teaches the model foreign ids. Conversations are checked first
 (:func:`kimi_jax.chat.validate.validate_messages`): a malformed message is a ``ValueError``
 naming it, never content silently left out of the prompt. Jinja templates render in a
 sandbox with size, loop and time limits (:mod:`kimi_jax.chat.sandbox`).
@@ -49,13 +53,15 @@ from kimi_jax.chat.special import (
     TOOL_CALLS_SECTION_END,
     VIDEO_PLACEHOLDER,
 )
+from kimi_jax.chat.tool_ids import canonicalize_tool_ids
 from kimi_jax.chat.tools import prepare_tools, tools_json
 from kimi_jax.chat.validate import REASONING_KEYS, standard_json, validate_messages
 
 
 def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Copies of the messages, checked (:func:`validate_messages`), without ``None`` values,
-    reasoning under ``reasoning_content``."""
+    reasoning under ``reasoning_content``, tool-call ids in K2.5's form
+    (:func:`kimi_jax.chat.tool_ids.canonicalize_tool_ids`)."""
     if isinstance(messages, str | bytes | Mapping):
         raise ValueError(f"a conversation is a list of messages, got {type(messages).__name__}")
     messages = list(messages)
@@ -67,7 +73,7 @@ def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str,
         if reasoning is not None:
             message["reasoning_content"] = reasoning
         out.append(message)
-    return out
+    return canonicalize_tool_ids(out)[0]
 
 
 def _render_content(content: Any) -> str:
@@ -131,7 +137,8 @@ def render(
     ``content`` (a string or a list of parts of type text, image / image_url, video /
     video_url), and for assistants ``reasoning_content`` and ``tool_calls``
     (``{"id", "function": {"name", "arguments"}}``, arguments a JSON string or a dict); tool
-    results carry ``tool_call_id``. Image and video parts become placeholders here; their
+    results carry ``tool_call_id``. Ids not of the form ``functions.NAME:INDEX`` are written
+    in that form (see :func:`kimi_jax.chat.tool_ids.normalize_tool_ids`). Image and video parts become placeholders here; their
     media are read by ``kimi_jax.media.placeholders.conversation_media`` (``kimi_jax.generate``
     does both). Conversations are checked first (:mod:`kimi_jax.chat.validate`: ``ValueError``
     naming the message, and the part or tool call).

@@ -1,13 +1,22 @@
 """Model output back to messages: :func:`parse_output` and :class:`StreamParser` split
 generated text into reasoning, answer and tool calls, without raising on truncated or
-malformed output."""
+malformed output.
+
+Given the declared ``tools``, a call the model wrote with a foreign id (a bare counter
+``0``, ``call_...``, a tool name without ``functions.`` and index, or ``call_8f2a:0``: no
+``functions.`` prefix and no declared tool's name) gets its function from them
+(:func:`kimi_jax.chat.tool_ids.recover_tool_name`): it is marked :attr:`ToolCall.recovered`,
+has no error for its id, and a warning in :attr:`ParsedOutput.warnings` says how its name
+was found. A tool-call section that holds no
+call is reported there too.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kimi_jax.chat.special import (
@@ -22,13 +31,23 @@ from kimi_jax.chat.special import (
     TOOL_CALLS_SECTION_END,
 )
 from kimi_jax.chat.tokenizer import Tokenizer
+from kimi_jax.chat.tool_ids import declared_tools, recover_tool_name
 
 
 @dataclasses.dataclass
 class ToolCall:
     """One tool call written by the model.
 
-    ``name`` is read from ``id`` (``functions.NAME:INDEX``). ``arguments`` is the parsed JSON
+    ``name`` is read from ``id`` (``functions.NAME:INDEX``; ``NAME:INDEX`` is read too).
+    When the parser knows the declared tools and the id is not of that form (``0``,
+    ``call_8f2a``, ``toolu_01...``), or lacks the ``functions.`` prefix and names no declared
+    tool (``call_8f2a:0``), the name is recovered from the tools if they settle it
+    (:func:`kimi_jax.chat.tool_ids.recover_tool_name`): ``recovered`` is true, ``id`` stays
+    as the model wrote it (rendering the call back writes ``functions.NAME:INDEX``), the id
+    is no error, and :attr:`ParsedOutput.warnings` says how the name was found. The
+    arguments are not checked against the tool's schema. When the tools do not settle it,
+    the call is read as without them (an id not of the form is an error, naming why the
+    tools did not help). ``arguments`` is the parsed JSON
     object of ``raw_arguments``, or ``None`` when that text is not a standard JSON object:
     invalid JSON, nested deeper than :data:`MAX_ARGUMENT_DEPTH` levels, or holding ``NaN`` /
     ``Infinity`` / ``-Infinity`` or a number too large for a float (``1e999``). ``error`` says
@@ -41,6 +60,7 @@ class ToolCall:
     arguments: dict[str, Any] | None
     raw_arguments: str
     error: str | None = None
+    recovered: bool = False
 
 
 @dataclasses.dataclass
@@ -48,11 +68,15 @@ class ParsedOutput:
     """Model output split into reasoning, answer text and tool calls.
 
     :meth:`StreamParser.feed` returns one of these holding only what a chunk added.
+    ``warnings`` are problems that no :attr:`ToolCall.error` carries: a tool-call section
+    that held no call (what it held instead is quoted), and how the name of each recovered
+    call was found.
     """
 
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_message(self) -> dict[str, Any]:
         """The assistant message to append to the conversation (arguments kept as written:
@@ -83,6 +107,9 @@ _REASONING, _CONTENT, _SECTION, _CALL_ID, _CALL_ARGS, _DONE = range(6)
 
 MAX_ARGUMENT_DEPTH = 100
 """Tool-call arguments nested deeper than this many lists / objects are reported, not parsed."""
+
+_QUOTE = 200
+"""How much of the text of a tool-call section without calls its warning quotes."""
 
 _JSON_STRUCTURE_RE = re.compile(r'[\[\]{}"\\]')
 
@@ -153,10 +180,17 @@ class StreamParser:
 
     Markers split across chunks are held back until they are complete. A tool call is
     reported once its ``<|tool_call_end|>`` (or whatever ends it) has arrived. Text between
-    the calls of a section, and everything after ``<|im_end|>`` or ``[EOS]``, is ignored.
+    the calls of a section, and everything after ``<|im_end|>`` or ``[EOS]``, is ignored. A
+    section that ends without a call is a warning once it ends. ``tools`` (OpenAI-style, as
+    declared to the model) name the calls written with foreign ids (see :class:`ToolCall`).
     """
 
-    def __init__(self, *, thinking: bool = True):
+    def __init__(self, *, thinking: bool = True, tools: Sequence[Mapping[str, Any]] | None = None):
+        self._tools = declared_tools(tools)
+        self._names = {t.name for t in self._tools}
+        self._warnings: list[str] = []
+        self._section_start: int | None = None  # calls before the open section, None outside one
+        self._section_text = ""  # the first _QUOTE + 1 characters of the open section's text, less leading spaces
         self._state = _REASONING if thinking else _CONTENT
         self._pending = ""
         self._reasoning: list[str] = []
@@ -170,7 +204,8 @@ class StreamParser:
     @property
     def result(self) -> ParsedOutput:
         """Everything parsed so far."""
-        return ParsedOutput("".join(self._reasoning), "".join(self._content), list(self._tool_calls))
+        return ParsedOutput("".join(self._reasoning), "".join(self._content), list(self._tool_calls),
+                            list(self._warnings))
 
     def feed(self, chunk: str) -> ParsedOutput:
         """Parse one more chunk of output; returns what it added."""
@@ -198,6 +233,7 @@ class StreamParser:
         self._pending = ""
         if self._state in (_CALL_ID, _CALL_ARGS):
             self._end_call(closed=False)
+        self._end_section("the output ended")
         self._state = _DONE
         self._closed = True
         return self._delta
@@ -215,6 +251,10 @@ class StreamParser:
             self._call_id.append(text)
         elif self._state == _CALL_ARGS:
             self._call_args.append(text)
+        elif self._state == _SECTION:  # text outside the calls: kept (the start of it) for a warning
+            if not self._section_text:
+                text = text.lstrip()
+            self._section_text += text[:_QUOTE + 1 - len(self._section_text)]
 
     def _marker(self, marker: str) -> None:
         state = self._state
@@ -223,6 +263,7 @@ class StreamParser:
         if marker in (IM_END, EOS):
             if state in (_CALL_ID, _CALL_ARGS):
                 self._end_call(closed=False)
+            self._end_section(f"{marker} came")
             self._state = _DONE
         elif state in (_REASONING, _CONTENT):
             if marker == THINK:
@@ -231,6 +272,7 @@ class StreamParser:
                 self._state = _CONTENT
             elif marker == TOOL_CALLS_SECTION_BEGIN:
                 self._state = _SECTION
+                self._section_start, self._section_text = len(self._tool_calls), ""
             elif marker == TOOL_CALL_BEGIN:  # a call without its section marker
                 self._start_call()
             # stray argument / call-end / section-end markers outside a section are dropped
@@ -238,6 +280,7 @@ class StreamParser:
             if marker == TOOL_CALL_BEGIN:
                 self._start_call()
             elif marker == TOOL_CALLS_SECTION_END:
+                self._end_section(None)
                 self._state = _CONTENT
         elif marker == TOOL_CALL_ARGUMENT_BEGIN and state == _CALL_ID:
             self._state = _CALL_ARGS
@@ -250,9 +293,27 @@ class StreamParser:
             self._start_call()
         elif marker == TOOL_CALLS_SECTION_END:
             self._end_call(closed=False)
+            self._end_section(None)
             self._state = _CONTENT
         else:  # e.g. "</think>" inside arguments is text
             self._text(marker)
+
+    def _warn(self, warning: str) -> None:
+        self._warnings.append(warning)
+        self._delta.warnings.append(warning)
+
+    def _end_section(self, cut_off: str | None) -> None:
+        """The end of a ``<|tool_calls_section_begin|>`` section (``cut_off`` says how it
+        ended, if not at its end marker): a warning if it held no call."""
+        start, self._section_start = self._section_start, None
+        held, self._section_text = self._section_text, ""
+        if start is None or len(self._tool_calls) > start:
+            return
+        what = "nothing"
+        if held:
+            what = f"only the text {held[:_QUOTE].rstrip()!r}" + ("..." if len(held) > _QUOTE else "")
+        ended = f" (cut off: {cut_off} inside it)" if cut_off else ""
+        self._warn(f"a tool-call section held no tool call{ended}: it held {what}")
 
     def _start_call(self) -> None:
         self._state = _CALL_ID
@@ -270,18 +331,38 @@ class StreamParser:
             arguments, error = _parse_arguments(raw)
             if error:
                 errors.append(error)
-        if m := _TOOL_ID_RE.fullmatch(call_id):
+        recovered = False
+        m = _TOOL_ID_RE.fullmatch(call_id)
+        if m and self._tools and not call_id.startswith("functions.") and m.group(1) not in self._names:
+            # NAME:INDEX without the prefix, naming no declared tool (call_8f2a:0): named from
+            # the tools if they settle it, else read as before
+            found, why = recover_tool_name(call_id, arguments, self._tools)
+            if found is not None:
+                self._warn(f"tool call {len(self._tool_calls)}: id {call_id!r} names no declared tool; "
+                           f"named {found!r} after {why}")
+            name, recovered = found or m.group(1), found is not None
+        elif m:
             name = m.group(1)
         else:
             name = call_id.removeprefix("functions.")
-            errors.append(f"id {call_id!r} is not of the form functions.NAME:INDEX")
-        call = ToolCall(call_id, name, arguments, raw, "; ".join(errors) or None)
+            problem = f"id {call_id!r} is not of the form functions.NAME:INDEX"
+            if self._tools:
+                found, why = recover_tool_name(call_id, arguments, self._tools)
+                if found is None:
+                    errors.append(f"{problem} ({why})")
+                else:
+                    name, recovered = found, True
+                    self._warn(f"tool call {len(self._tool_calls)}: {problem}; named {name!r} after {why}")
+            else:
+                errors.append(problem)
+        call = ToolCall(call_id, name, arguments, raw, "; ".join(errors) or None, recovered)
         self._tool_calls.append(call)
         self._delta.tool_calls.append(call)
 
 
 def parse_output(
     output: str | Iterable[int], *, tokenizer: Tokenizer | None = None, thinking: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> ParsedOutput:
     """Split generated output (text, or token ids with ``tokenizer``) into reasoning, answer and tool calls.
 
@@ -290,7 +371,9 @@ def parse_output(
     instant mode everything outside tool-call sections is answer text. A tool-call section
     is ``<|tool_calls_section_begin|>``, then per call ``<|tool_call_begin|>functions.NAME:IDX``
     ``<|tool_call_argument_begin|>{json}<|tool_call_end|>`` (no space between), then
-    ``<|tool_calls_section_end|>``; problems are reported in :attr:`ToolCall.error`, never raised.
+    ``<|tool_calls_section_end|>``; problems are reported in :attr:`ToolCall.error` and
+    :attr:`ParsedOutput.warnings`, never raised. ``tools`` (the tools declared to the model,
+    OpenAI-style) name calls written with foreign ids: see :class:`ToolCall`.
     """
     if isinstance(output, str):
         text = output
@@ -298,7 +381,7 @@ def parse_output(
         raise ValueError("parse_output needs a tokenizer to decode token ids")
     else:
         text = tokenizer.decode(output)
-    parser = StreamParser(thinking=thinking)
+    parser = StreamParser(thinking=thinking, tools=tools)
     parser.feed(text)
     parser.close()
     return parser.result

@@ -28,6 +28,7 @@ import numpy as np
 from kimi_jax.chat.parser import ParsedOutput, parse_output
 from kimi_jax.chat.template import ChatTemplate
 from kimi_jax.chat.tokenizer import Tokenizer
+from kimi_jax.chat.tool_ids import ToolIdMap, normalize_tool_ids
 from kimi_jax.inference.engine import Engine
 from kimi_jax.inference.sampling import RECOMMENDED_SAMPLING, Sampling
 from kimi_jax.inference.steps import CACHE_ROUNDING
@@ -53,8 +54,12 @@ class GenerationResult:
     media token). ``token_ids`` are the generated ids, ending with the stop id when one ended
     the output (``finish_reason`` ``"stop"``; otherwise ``"length"``). ``text`` (with a
     tokenizer) is their decoded text without that stop id. ``parsed`` (conversations only) splits the
-    text into reasoning, answer and tool calls; ``parsed.to_message()`` is the assistant
-    message to append to the conversation.
+    text into reasoning, answer and tool calls (calls written with foreign ids named from
+    ``tools``, see :class:`~kimi_jax.chat.parser.ToolCall`); ``parsed.to_message()`` is the
+    assistant message to append to the conversation. ``tool_ids`` (conversations only) maps
+    the tool-call ids the prompt was written with back to the client's, for the history's
+    calls whose ids were not ``functions.NAME:INDEX`` (:mod:`kimi_jax.chat.tool_ids`; empty
+    when none were rewritten).
     """
 
     prompt_ids: list[int]
@@ -62,6 +67,7 @@ class GenerationResult:
     finish_reason: str
     text: str | None = None
     parsed: ParsedOutput | None = None
+    tool_ids: ToolIdMap | None = None
 
 
 class TextDecoder:
@@ -96,6 +102,7 @@ class _Prompt:
     ids: list[int]
     is_chat: bool
     media: tuple[np.ndarray, np.ndarray] | None = None
+    tool_ids: ToolIdMap | None = None
 
 
 def _encode_prompt(
@@ -121,9 +128,10 @@ def _encode_prompt(
             ids = tokenizer.encode_chat(prompt, tools=tools, thinking=thinking, template=template,
                                         postprocess=lambda text: insert_video_chunks(text, media))
             pixels = preprocess_conversation_media(media, preprocessor) if media else None
+            tool_ids = normalize_tool_ids(prompt)[1]
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-        return _Prompt(ids, True, pixels)
+        return _Prompt(ids, True, pixels, tool_ids)
     if _is_token_ids(prompt):
         return _Prompt([int(t) for t in prompt], False)
     raise TypeError(
@@ -341,6 +349,7 @@ def generate(
         if tokenizer is not None:
             result.text = tokenizer.decode(out[:-1] if stopped else out)
             if prompt.is_chat:
-                result.parsed = parse_output(result.text, thinking=thinking)
+                result.parsed = parse_output(result.text, thinking=thinking, tools=tools)
+                result.tool_ids = prompt.tool_ids
         results.append(result)
     return results

@@ -532,6 +532,8 @@ def convert(
     src, dst = destination.absolute(src), destination.absolute(dst)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+    if not dst.is_relative_to(src) and dst != src:
+        destination.remove_leftovers(dst)  # first: it may restore a checkpoint an interrupted swap left aside
     destination.check(src, dst, overwrite=overwrite, converter_files=CONVERTER_FILES)
     config = KimiConfig.from_file(src)
     source = SafetensorsSource(src)
@@ -539,7 +541,6 @@ def convert(
         targets = plan(config, source, DTYPES[dtype], dequantize=dequantize)
         quant = quant_config(config)
         destination.check_writable(dst)
-        destination.remove_leftovers(dst)
         tmp = destination.make_temporary(dst)
         try:
             checksums = _write_params(tmp / PARAMS_DIR, targets, source, quant, progress)

@@ -112,30 +112,39 @@ def _leftovers(dst: Path) -> list[Path]:
                   and (p / MARKER).is_file())
 
 
-def _running(marker: Path) -> int | None:
-    """The pid of the conversion that wrote ``marker`` if it still runs on this host."""
+def _running(marker: Path) -> str | None:
+    """Who may still be writing the folder of ``marker``: a live conversion on this host, or
+    one on another host (a shared file system: it cannot be checked from here); None if none."""
     try:
         info = json.loads(marker.read_text())
         pid, host = int(info["pid"]), info["host"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if host != socket.gethostname() or pid == os.getpid():
+    if host != socket.gethostname():
+        return f"a conversion on host {host} (pid {pid}); remove the folder by hand if it has ended"
+    if pid == os.getpid():
         return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
-    return pid
+        pass
+    return f"a conversion (pid {pid}) is still writing it"
 
 
 def remove_leftovers(dst: Path) -> None:
     """Removes the marked folders unfinished conversions into ``dst`` left beside it, saying so."""
     for folder in _leftovers(dst):
-        pid = _running(folder / MARKER)
-        if pid is not None:
-            print(f"kimi-jax: leaving {folder}: a conversion (pid {pid}) is still writing it", file=sys.stderr)
+        writer = _running(folder / MARKER)
+        if writer is not None:
+            print(f"kimi-jax: leaving {folder}: {writer}", file=sys.stderr)
+            continue
+        if folder.name.startswith(f".{dst.name}.old-") and not dst.exists():
+            # a swap interrupted between its two renames: the old checkpoint is the only one
+            os.rename(folder, dst)
+            (dst / MARKER).unlink(missing_ok=True)
+            print(f"kimi-jax: restored {dst} from {folder}, left aside by an interrupted replacement", file=sys.stderr)
             continue
         print(f"kimi-jax: removing an unfinished conversion left at {folder}", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,7 @@
 """``kimi-jax chat CKPT``: an interactive multi-turn chat on stdin.
 
 A failing turn never ends the session: the error is printed as ``error: ...``, the failed
-message (and the images attached to it) is not kept, and the conversation goes on from the
+message (and the images and videos attached to it) is not kept, and the conversation goes on from the
 history before it. A conversation that outgrows the model's context loses its oldest turns
 (a turn: a user message and the replies to it; the system message stays) until the new
 message fits, with a note; a message that does not fit even alone is refused.
@@ -18,7 +18,9 @@ from pathlib import Path
 from kimi_jax.cli.common import (
     ReplyPrinter,
     add_generation_options,
+    add_video_options,
     check_images,
+    check_videos,
     checkpoint_preprocessor,
     checkpoint_tokenizer,
     error_message,
@@ -26,6 +28,7 @@ from kimi_jax.cli.common import (
     positive_int,
     user_message,
     user_path,
+    video_part,
 )
 
 CONTEXT_POLICY = (
@@ -35,7 +38,7 @@ CONTEXT_POLICY = (
 )
 
 OUTGROWN = ("longer than the model's context", "longer than the cache")
-"""How the engine reports a prompt that does not fit (``Engine._check_prompts``)."""
+"""How ``kimi_jax.generate`` reports a prompt that does not fit its engine."""
 
 
 def _outgrows_context(e: Exception) -> bool:
@@ -56,7 +59,7 @@ class Chat:
         import kimi_jax
 
         self.args, self.model, self.tokenizer = args, model, tokenizer
-        # One slot kept across turns: each turn prefills only what the previous one did not hold.
+        # One slot kept across turns: a turn prefills only from where its prompt leaves the cached one.
         self.max_length = min(args.max_length, model.config.text.max_position_embeddings)
         self.engine = kimi_jax.Engine(model, max_slots=1, max_length=self.max_length,
                                       prefill_chunk=args.prefill_chunk, cache_dtype=jnp.dtype(args.cache_dtype))
@@ -90,6 +93,7 @@ class Chat:
                     on_token=on_token, engine=self.engine, **generate_kwargs(self.args),
                 )
             except BaseException as e:
+                self.engine.reset()  # the failed turn's request ends; the next turn prefills afresh
                 if printer.section is not None:  # a reply broken off midway: end its line
                     print()
                 elif _outgrows_context(e) and start < len(self.history):
@@ -116,11 +120,13 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = checkpoint_tokenizer(checkpoint, required=True)
     images = list(args.image or [])
     check_images(checkpoint, images)
+    videos = [video_part(path, args) for path in args.video or []]
+    check_videos(checkpoint, videos)
     preprocessor = checkpoint_preprocessor(checkpoint)
     model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
     chat = Chat(args, model, tokenizer, preprocessor, stop_ids)
-    print(f"chatting with {checkpoint} ({args.mode} mode); /image PATH attaches an image to your next message, "
-          "/exit or end of input quits")
+    print(f"chatting with {checkpoint} ({args.mode} mode); /image PATH or /video PATH attaches an image or a "
+          "video to your next message, /exit or end of input quits")
     while True:
         print("you> ", end="", flush=True)
         line = sys.stdin.readline()
@@ -137,10 +143,18 @@ def run(args: argparse.Namespace) -> None:
                 images.append(path)
                 print(f"attached {path} to your next message")
                 continue
+            if command == "/video":
+                if not rest.strip():
+                    raise ValueError("usage: /video PATH")
+                part = video_part(os.path.expanduser(rest.strip()), args)
+                check_videos(checkpoint, [part])
+                videos.append(part)
+                print(f"attached {part['video']} to your next message")
+                continue
             if not line.strip():
                 continue
-            message = user_message(line.rstrip("\n"), images)
-            images = []  # a failed message takes its images with it
+            message = user_message(line.rstrip("\n"), images, videos)
+            images, videos = [], []  # a failed message takes its images and videos with it
             chat.reply(message)
         except Exception as e:  # noqa: BLE001 - one turn's error never ends the session
             sys.stdout.flush()
@@ -151,15 +165,19 @@ def run(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "chat", help="interactive multi-turn chat on stdin (/image PATH attaches an image, /exit quits)",
-        description="Interactive multi-turn chat on stdin: /image PATH attaches an image to your next message, "
-                    "/exit or end of input quits. " + CONTEXT_POLICY,
+        "chat", help="interactive multi-turn chat on stdin (/image PATH, /video PATH attach media, /exit quits)",
+        description="Interactive multi-turn chat on stdin: /image PATH or /video PATH attaches an image or a video "
+                    "(with the --video-* options) to your next message, /exit or end of input quits. "
+                    + CONTEXT_POLICY,
     )
     add_generation_options(p)
     p.add_argument("--system", help="a system message to start the conversation with")
     p.add_argument("--max-length", type=positive_int, default=16384,
                    help="tokens the conversation may hold (default 16384, at most the model's context); the "
-                        "cache keeps them between turns, so a turn prefills only its new tokens")
+                        "cache keeps them between turns, so a turn prefills only from where its prompt "
+                        "differs from the previous turn's (in thinking mode the template drops earlier "
+                        "reasoning, so that is where the last reply began)")
     p.add_argument("--image", action="append", metavar="PATH", type=user_path,
                    help="an image for the first message (repeatable)")
+    add_video_options(p, "for the first message")
     p.set_defaults(func=run)

@@ -1,6 +1,6 @@
 """The serving engine: requests come and go in a fixed set of cache slots.
 
-``Engine(model, max_slots, max_length, prefill_chunk)`` owns one compressed MLA cache of
+``Engine(model, max_slots=..., max_length=..., prefill_chunk=...)`` owns one compressed MLA cache of
 ``max_slots`` sequences x ``max_length`` tokens and the per-slot decoding state, all on the
 device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 
@@ -13,8 +13,8 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
 Shapes are fixed per engine (slots, cache length, chunk), so after the first decode and
-prefill steps no request compiles anything (media: the vision tower still compiles once
-per image grid).
+prefill steps no text request compiles anything. Media: the vision tower runs outside the
+steps and still compiles once per image grid and padded prompt length.
 
 **Prefix reuse.** The engine remembers which tokens each slot's cache holds (the prompt
 and the fed tokens of its last request). A new request takes the free slot whose cache
@@ -24,7 +24,9 @@ slot's cache is copied into a free one first. Media placeholders are never reuse
 prompts with equal placeholder ids may carry different images).
 
 Rows are independent (attention stays within a slot; routing is per token), so greedy
-output equals what a request produces alone, wherever and whenever it was admitted.
+output equals what a request produces alone, wherever and whenever it was admitted (in
+float32; in bfloat16 a reused prefix written by decode steps can differ in the last bits
+from a fresh prefill of the same tokens).
 """
 
 from __future__ import annotations
@@ -139,6 +141,12 @@ def admit_step(slots: SlotState, slot, length, budget, stops, temperature, top_p
 
 
 @functools.partial(jax.jit, donate_argnames="slots")
+def deactivate_step(slots: SlotState, slot: jax.Array) -> SlotState:
+    """Stops slot ``slot`` from decoding (a cancelled request)."""
+    return dataclasses.replace(slots, active=slots.active.at[slot].set(False))
+
+
+@functools.partial(jax.jit, donate_argnames="slots")
 def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array) -> SlotState:
     """Copies slot ``src``'s cached latents into slot ``dst`` (for a shared prefix)."""
     layers = tuple(
@@ -147,7 +155,7 @@ def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array) -> SlotStat
     return dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers))
 
 
-_STEPS = (decode_step, prefill_step, admit_step, copy_slot_step, embed_step)
+_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, embed_step)
 
 
 def _compilations() -> int:
@@ -220,7 +228,7 @@ class Engine:
                 f"max_length {max_length} exceeds the model's context (max_position_embeddings = "
                 f"{cfg.max_position_embeddings})"
             )
-        self.config, self.vision = cfg, model.vision_config
+        self.model, self.config, self.vision = model, cfg, model.vision_config
         self.placeholder_id = model.config.media_placeholder_token_id
         self.max_slots, self.max_length = max_slots, max_length
         self.chunk = min(prefill_chunk, max_length)
@@ -229,10 +237,8 @@ class Engine:
         self._absorbed_prefill = absorbed_is_cheaper(cfg, self.chunk)
         self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
         self._prefill_block = key_block_for(cfg, 1, self.chunk, max_length, key_block)
-        cache = KVCache.create(cfg, max_slots, max_length, jnp.dtype(cache_dtype))
-        if model.parallel is not None:
-            cache = model.parallel.place_batch(cache)
-        self._slots = SlotState.create(cache)
+        self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
+        self._slots = SlotState.create(self._empty_cache())
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[_Prefill] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request decoding there
@@ -242,6 +248,10 @@ class Engine:
         self._next_id = 0
         self._stats = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0}
         self._compiled_at_start = _compilations()
+
+    def _empty_cache(self) -> KVCache:
+        cache = KVCache.create(self.config, self.max_slots, self.max_length, self._cache_dtype)
+        return cache if self._parallel is None else self._parallel.place_batch(cache)
 
     # ---- requests
 
@@ -275,6 +285,11 @@ class Engine:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids per request, got {len(stops)}")
         media = None
         grids = media_grids(self.vision, pixel_values, grid_thws)
+        if not grids and self.placeholder_id is not None and self.placeholder_id in prompt:
+            raise ValueError(
+                f"the prompt holds media placeholders (<|media_pad|>, id {self.placeholder_id}) but no media "
+                "were given (pass pixel_values and grid_thws)"
+            )
         if grids:
             placeholders = int((np.asarray(prompt) == self.placeholder_id).sum())
             check_expanded(placeholders, grids, self.vision.merge_kernel_size)
@@ -413,25 +428,59 @@ class Engine:
         return tokens, done, owners
 
     def _collect(self, tokens: jax.Array, finished: jax.Array, owners: list[Request | None]) -> None:
-        """Hands a step's tokens to their requests; frees the slots of finished ones."""
+        """Hands a step's tokens to their requests and frees the slots of finished ones, then
+        calls the ``on_token`` callbacks (an exception in one leaves the engine consistent)."""
         tokens, finished = to_host(tokens), to_host(finished)
+        callbacks = []
         for slot, request in enumerate(owners):
-            if request is None or tokens[slot] < 0:
+            if request is None or request.done or tokens[slot] < 0:  # done: cancelled meanwhile
                 continue
             token = int(tokens[slot])
             request.token_ids.append(token)
             self._stats["decoded_tokens"] += 1
-            if request.on_token is not None:
-                request.on_token(token)
+            if request.media is None:  # the cache holds the prompt and every fed token
+                self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
             if finished[slot]:
                 request.done = True
                 request.finish_reason = "stop" if token in request.stop_ids else "length"
                 del self._running[slot]
                 self._free.append(slot)
-                if request.media is None:  # the cache holds the prompt and every fed token
-                    self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
-            elif request.media is None:
-                self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
+            if request.on_token is not None:
+                callbacks.append((request.on_token, token))
+        for callback, token in callbacks:
+            callback(token)
+
+    # ---- ending requests early
+
+    def cancel(self, request: Request) -> None:
+        """Ends ``request`` now (``finish_reason`` ``"cancelled"``) and frees its slot."""
+        if request.done:
+            return
+        if request in self._waiting:
+            self._waiting.remove(request)
+        for job in list(self._prefilling):
+            if job.request is request:
+                self._prefilling.remove(job)
+                self._free.append(job.slot)
+        for slot, running in list(self._running.items()):
+            if running is request:
+                self._slots = deactivate_step(self._slots, jnp.int32(slot))
+                del self._running[slot]
+                self._free.append(slot)
+        request.done, request.finish_reason = True, "cancelled"
+
+    def reset(self) -> None:
+        """Cancels every request and starts from an empty cache (also after a failed step,
+        whose donated state cannot be used again)."""
+        for request in [*self._waiting, *(job.request for job in self._prefilling), *self._running.values()]:
+            request.done, request.finish_reason = True, "cancelled"
+        self._slots = SlotState.create(self._empty_cache())
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._pending = []
+        self._free = list(range(self.max_slots))
+        self._cached = [[] for _ in range(self.max_slots)]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

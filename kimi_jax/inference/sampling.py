@@ -55,7 +55,8 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
     ordered = jnp.where(jnp.arange(V) < k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(mass_before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+    kept = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)  # float32 sums can reach 1 early
+    cutoff = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
 
 

@@ -1,6 +1,7 @@
 """Compiled steps on the compressed MLA cache, and :class:`BatchEngine`: prefill and decode
 of one fixed batch over an explicit cache (the serving engine, ``kimi_jax.inference.engine``,
-is built on the same steps).
+shares :func:`embed_step` and :func:`key_block_for`; its own steps call the same
+``TextModel.extend``).
 
 One pure step serves both phases, :func:`extend_step`: (parameters, tokens, counts, cache)
 -> (logits at each row's last new token, cache), jit-compiled with the cache donated, so the
@@ -40,7 +41,6 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.config.model import TextConfig
-from kimi_jax.inference.sampling import Sampling
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.cache import KVCache
 from kimi_jax.model.inputs import check_prompts
@@ -50,7 +50,6 @@ from kimi_jax.model.vision import Grid
 from kimi_jax.parallel.placement import to_host
 
 ATTENTION_FORMS = ("auto", "absorbed", "expanded")
-GREEDY = Sampling(temperature=0.0)
 SCORE_BYTES = 1 << 30
 """Budget for one layer's attention scores (float32 [B, N, T, key block]) when choosing the key block."""
 MAX_KEY_BLOCK = 8192

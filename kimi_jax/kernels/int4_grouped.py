@@ -21,10 +21,10 @@ Returns ``[M, out]`` in x's dtype with float32 accumulation. Rows past ``sum(gro
 are zeros (as ``jax.lax.ragged_dot``). W is rounded to x's dtype once (q * scale, as the
 reference), so the result equals ``reference`` up to the order of float32 accumulation.
 
-Design. The grid is (out tiles, row tiles). Row tiles come from a schedule computed in
-plain JAX from ``group_sizes`` (``tile_schedule``): for each tile its expert, first row and
-end row, passed to the kernel as an int32 array (the Triton lowering has no scalar
-prefetch). The number of row tiles is bounded statically by ``M // block_m + min(E, M) + 1``;
+Design. The grid is (out tiles, row tiles). Each program derives its row tile (its
+expert, first row and end row) from ``group_sizes`` itself (``_tile``: a few scans and
+reductions, so a call is one launch with no schedule kernel before it); ``tile_schedule``
+states the same schedule in plain JAX, for the tests. The number of row tiles is bounded statically by ``M // block_m + min(E, M) + 1``;
 tiles past the real count exit at once, and the tiles that cover rows past
 ``sum(group_sizes)`` write zeros. Each program loops over ``in`` in blocks of ``block_k``:
 it loads the row tile of x, the packed int4 block ``[block_n, block_k]`` and its scales
@@ -59,6 +59,8 @@ try:  # Triton-specific Pallas API; absent in some jax builds.
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
+TRITON_AVAILABLE = plgpu is not None
+"""Whether this jax has Pallas' Triton backend (the MoE falls back to XLA without it)."""
 
 GROUP = 32  # inputs per scale (K2.5's INT4 format)
 _MAGIC = 0x4300  # bf16 bits of 128.0: 0x4300 | v (v < 128) is the bf16 number 128 + v

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from kimi_jax.config.model import TextConfig
-from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
+from kimi_jax.kernels.int4_grouped import TRITON_AVAILABLE, int4_grouped_matmul
 from kimi_jax.model.layers import Buffer, Quantized, weight
 from kimi_jax.parallel.expert import expert_parallel_moe
 from kimi_jax.parallel.placement import Parallel
@@ -201,7 +201,7 @@ def int4_kernel(impl: str) -> str:
     ``kimi_jax.kernels.int4_grouped``; ``"grouped"`` picks it on GPUs) or ``"xla"``
     (dequantize, then ``ragged_dot``)."""
     if impl == "grouped":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if jax.default_backend() == "gpu" and TRITON_AVAILABLE else "xla"
     return impl.removeprefix("grouped-")
 
 
@@ -210,7 +210,7 @@ def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> j
     through the experts' raw weights ``w`` (``nnx.state(experts).to_pure_dict()``) -> [M, D].
 
     INT4 with the ``"pallas"`` kernel reads only the experts with rows, in one launch per
-    projection (in interpret mode off the GPU). With ``"xla"`` and fewer rows than experts
+    projection (in interpret mode off the GPU); dense experts always use ``ragged_dot``. With ``"xla"`` and fewer rows than experts
     (decoding), the experts in use are gathered first (at most M, padded with empty groups),
     so only those are dequantized.
     """

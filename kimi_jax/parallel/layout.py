@@ -28,11 +28,10 @@ DEFAULT_RULES = {
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "expert_mlp": ("tensor",),
-    "expert_mlp_groups": ("tensor",),
     "vocab": ("tensor",),
 }
-"""Logical axis -> mesh axes. ``X_groups`` is the axis of the INT4 scales (one per 32 values of
-``X``): it must be split exactly like ``X``."""
+"""Logical axis -> mesh axes. ``X_groups``, the axis of the INT4 scales (one per 32 values of
+``X``), follows the rule of ``X`` unless a layout names it, and must be split exactly like it."""
 _INLINE = re.compile(r"^\s*\w+\s*=\s*\d+\s*(,\s*\w+\s*=\s*\d+\s*)*$")
 
 
@@ -136,6 +135,9 @@ def _from_dict(name: str, d: dict) -> Layout:
     merged = {logical: tuple(m for m in target if m in mesh) for logical, target in DEFAULT_RULES.items()}
     for logical, target in rules.items():
         merged[logical] = (target,) if isinstance(target, str) else tuple(target)
+    for logical in list(merged):
+        if not logical.endswith("_groups") and f"{logical}_groups" not in rules:
+            merged[f"{logical}_groups"] = merged[logical]
     return Layout(name, tuple((a, int(n)) for a, n in mesh.items()), tuple(merged.items()))
 
 

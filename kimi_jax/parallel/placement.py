@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from kimi_jax.parallel.layout import Layout, LayoutError, load_layout, mesh_layout
 
@@ -33,11 +33,15 @@ class Parallel:
         """The layout (a name, TOML path, inline mesh or :class:`Layout`) on ``devices``
         (default: all devices of all processes; a layout may use fewer). A
         ``jax.sharding.Mesh`` whose axis names are layout axes (``data``, ``expert``,
-        ``tensor``) is taken as it is, with the default rules."""
+        ``tensor``) is used with the default rules (its axes as ``Auto``: the model places its
+        arrays by the rules, not by mesh-typed sharding)."""
         if isinstance(layout, Mesh):
             if devices is not None:
                 raise LayoutError("a Mesh brings its own devices; pass devices= only with a layout")
-            return cls(layout, mesh_layout(layout))
+            mesh = layout
+            if any(t != AxisType.Auto for t in mesh.axis_types):  # the model places arrays itself
+                mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+            return cls(mesh, mesh_layout(mesh))
         layout = load_layout(layout)
         return cls(layout.make_mesh(devices), layout)
 

@@ -393,3 +393,24 @@ def test_bad_metadata(converted, field, value, message):
     info_file.write_text("{not json")
     with pytest.raises(ValueError, match=f"{info_file} cannot be read"):
         checkpoint_info(converted)
+
+
+def test_interrupted_swap_restores_the_old_checkpoint(hf, converted, capsys):
+    """Killed between the swap's two renames: the old checkpoint, set aside, comes back."""
+    aside = converted.parent / f".{converted.name}.old-12345678"
+    os.rename(converted, aside)
+    destination.mark(aside, converted)
+    kimi_jax.convert(hf, converted, overwrite=True, progress=False)
+    assert f"restored {converted}" in capsys.readouterr().err
+    assert not aside.exists() and checkpoint_info(converted)
+
+
+def test_leftover_written_from_another_host_is_kept(hf, tmp_path, capsys):
+    """On a shared file system a conversion on another host cannot be checked: its folder stays."""
+    dst = tmp_path / "ck"
+    left = tmp_path / ".ck.tmp-abcdef12"
+    left.mkdir()
+    (left / destination.MARKER).write_text(json.dumps({"pid": 1, "host": "another-host", "time": 0}))
+    kimi_jax.convert(hf, dst, progress=False)
+    assert "a conversion on host another-host" in capsys.readouterr().err
+    assert left.is_dir() and checkpoint_info(dst)

@@ -174,3 +174,56 @@ def test_generate_on_a_kept_engine_reuses_the_previous_turn(model, prompts, solo
     [second] = kimi_jax.generate(model, [turn], max_new_tokens=NEW, temperature=0.0, engine=eng)
     assert eng.stats()["prefilled_tokens"] - before == 3  # the unfed last token and the two new ones
     assert second.token_ids == kimi_jax.generate(model, [turn], max_new_tokens=NEW, temperature=0.0)[0].token_ids
+
+
+def test_cancel_and_reset_free_slots(model, prompts, solo):
+    eng = engine(model, max_slots=2)
+    waiting = [eng.submit(p, max_new_tokens=NEW) for p in prompts[:3]]
+    eng.step()
+    eng.step()
+    eng.cancel(waiting[0])
+    eng.cancel(waiting[2])  # never admitted
+    eng.run()
+    assert [r.finish_reason for r in waiting] == ["cancelled", "length", "cancelled"]
+    assert waiting[1].token_ids == solo[1] and eng.stats()["free_slots"] == 2
+    eng.reset()
+    again = eng.submit(prompts[0], max_new_tokens=NEW)
+    eng.run()
+    assert again.token_ids == solo[0] and again.cached_prefix == 0
+
+
+def test_a_failing_callback_leaves_the_engine_usable(model, prompts, solo):
+    eng = engine(model, max_slots=1)
+
+    def fail(token):
+        raise RuntimeError("the terminal went away")
+
+    request = eng.submit(prompts[1], max_new_tokens=1, on_token=fail)
+    with pytest.raises(RuntimeError, match="terminal"):
+        eng.run()
+    assert request.done and eng.stats()["free_slots"] == 1
+    follow = eng.submit(prompts[0], max_new_tokens=NEW)
+    eng.run()
+    assert follow.token_ids == solo[0]
+
+
+def test_placeholders_without_media_are_refused(tmp_path):
+    from kimi_jax.testing.synthetic import TINY_VISION
+
+    src = write_checkpoint(tmp_path / "hf", k25_config(TINY_TEXT, TINY_VISION), seed=1, dtype="float32")
+    model = kimi_jax.load(kimi_jax.convert(src, tmp_path / "ck", dtype="float32", progress=False))
+    with pytest.raises(ValueError, match="media placeholders .* but no media"):
+        engine(model).submit([1, model.config.media_placeholder_token_id, 2])
+    with pytest.raises(ValueError, match="another model"):
+        kimi_jax.generate(model, [[1, 2]], engine=engine(kimi_jax.load(tmp_path / "ck")))
+
+
+def test_top_p_off_is_exact_beside_filtering_rows():
+    """A row with top-p 1 keeps every token even when another row of the batch filters."""
+    import jax
+
+    from kimi_jax.inference.sampling import filter_logits
+
+    logits = jax.random.normal(jax.random.key(0), (2, 163840)) * 3
+    out = filter_logits(logits, jnp.array([1.0, 0.5]), jnp.array([0, 0]))
+    assert bool(jnp.isfinite(out[0]).all()) and not bool(jnp.isfinite(out[1]).all())

@@ -57,11 +57,15 @@ def test_shard_model_from_a_loaded_model(reference):
 
 def test_load_onto_a_jax_mesh_and_onto_fewer_devices(checkpoint, reference):
     """A ``jax.sharding.Mesh`` with layout axis names, and a layout over part of the devices."""
-    _, ids, logits, _, _ = reference
-    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    _, ids, logits, prompts, gen = reference
+    auto = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    assert kimi_jax.load(checkpoint, mesh=auto).parallel.mesh is auto
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))  # jax's default axis types
     model = kimi_jax.load(checkpoint, mesh=mesh)
-    assert model.parallel.mesh is mesh and model.parallel.layout.mesh_axes_of("expert") == ("expert",)
+    assert dict(model.parallel.mesh.shape) == {"data": 2, "expert": 4}
+    assert model.parallel.layout.mesh_axes_of("expert") == ("expert",)
     assert np.abs(np.asarray(model(ids)) - logits).max() / np.abs(logits).max() < 1e-5
+    assert [r.token_ids for r in kimi_jax.generate(model, prompts, max_new_tokens=6, temperature=0.0)] == gen
     half = kimi_jax.load(checkpoint, mesh="data=1,expert=4,tensor=1", devices=jax.devices()[:4])
     assert len(half.language_model.layers[1].mlp.experts.gate_proj.sharding.device_set) == 4
     assert np.abs(np.asarray(half(ids)) - logits).max() / np.abs(logits).max() < 1e-5

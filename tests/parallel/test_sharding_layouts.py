@@ -73,9 +73,13 @@ def test_mesh_needs_matching_device_count():
 def test_scale_groups_split_like_their_values(tmp_path):
     """INT4 scales ("X_groups") must be split like the values' axis X, or shards would not match."""
     f = tmp_path / "mismatch.toml"
-    f.write_text('[mesh]\nexpert = 4\ntensor = 2\n[rules]\nexpert_mlp = "expert"\n')
+    f.write_text('[mesh]\nexpert = 4\ntensor = 2\n[rules]\nexpert_mlp = "expert"\nexpert_mlp_groups = "tensor"\n')
     with pytest.raises(LayoutError, match="'expert_mlp_groups' .* must be split like 'expert_mlp'"):
         load_layout(f)
+    f.write_text('[mesh]\nexpert = 4\ntensor = 2\n[rules]\nexpert_mlp = "expert"\nembed = "tensor"\n')
+    layout = load_layout(f)  # unnamed group axes follow their values' rules
+    assert layout.mesh_axes_of("expert_mlp_groups") == ("expert",)
+    assert layout.mesh_axes_of("embed_groups") == ("tensor",)
     f.write_text('[mesh]\nexpert = 8\n[rules]\nexpert = []\nexpert_mlp = "expert"\nexpert_mlp_groups = "expert"\n')
     assert load_layout(f).mesh_axes_of("expert_mlp_groups") == ("expert",)
 

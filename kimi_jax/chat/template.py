@@ -14,7 +14,8 @@ keys whose value is ``None`` are dropped and a message's reasoning may come as
 ``functions.NAME:INDEX`` (OpenAI's ``call_...``, ``0``, Anthropic's ``toolu_...``) are
 rewritten to it, with the ``tool_call_id`` of the results that answer them
 (:mod:`kimi_jax.chat.tool_ids`; :func:`~kimi_jax.chat.tool_ids.normalize_tool_ids` gives
-the map back to the client's ids), so a history never teaches the model foreign ids. Conversations are checked first
+the map back to the client's ids), so a history never teaches the model foreign ids.
+Conversations are checked first
 (:func:`kimi_jax.chat.validate.validate_messages`): a malformed message is a ``ValueError``
 naming it, never content silently left out of the prompt. Jinja templates render in a
 sandbox with size, loop and time limits (:mod:`kimi_jax.chat.sandbox`).
@@ -138,7 +139,8 @@ def render(
     video_url), and for assistants ``reasoning_content`` and ``tool_calls``
     (``{"id", "function": {"name", "arguments"}}``, arguments a JSON string or a dict); tool
     results carry ``tool_call_id``. Ids not of the form ``functions.NAME:INDEX`` are written
-    in that form (see :func:`kimi_jax.chat.tool_ids.normalize_tool_ids`). Image and video parts become placeholders here; their
+    in that form (see :func:`kimi_jax.chat.tool_ids.normalize_tool_ids`). Image and video
+    parts become placeholders here; their
     media are read by ``kimi_jax.media.placeholders.conversation_media`` (``kimi_jax.generate``
     does both). Conversations are checked first (:mod:`kimi_jax.chat.validate`: ``ValueError``
     naming the message, and the part or tool call).

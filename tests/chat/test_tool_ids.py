@@ -322,8 +322,8 @@ class _ScriptedEngine:
 
     max_length = 4096
 
-    def __init__(self, reply: list[int]):
-        self.reply, self.prompts = reply, []
+    def __init__(self, model, reply: list[int]):
+        self.model, self.reply, self.prompts = model, reply, []
 
     def submit(self, ids, **kwargs):
         self.prompts.append(ids)
@@ -340,7 +340,7 @@ def test_generate_names_calls_and_returns_the_id_map(tok):
         media_placeholder_token_id=None, eos_token_ids=[], text=types.SimpleNamespace(
             vocab_size=1024, max_position_embeddings=8192)))
     reply = tok.encode(section(("0", '{"query": "kimi"}')), allow_special=True)
-    engine = _ScriptedEngine(reply)
+    engine = _ScriptedEngine(model, reply)
     canonical = conversation(CANONICAL_IDS)
     results = generate(model, [conversation(FOREIGN_IDS["openai"]), canonical, "raw"], tokenizer=tok,
                        tools=[WEATHER, SEARCH], engine=engine, temperature=0.0)

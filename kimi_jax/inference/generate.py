@@ -317,6 +317,8 @@ def generate(
     longest = max(map(len, prompt_ids))
     context = model.config.text.max_position_embeddings
     if engine is not None:
+        if engine.model is not model:
+            raise ValueError("engine= was built for another model: build it with Engine(model, ...)")
         cache_length = engine.max_length
     elif cache_length is None:
         wanted = longest + max_new_tokens

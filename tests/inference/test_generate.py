@@ -11,8 +11,8 @@ from kimi_jax.chat.parser import parse_output
 from kimi_jax.chat.template import ChatTemplate
 from kimi_jax.chat.tokenizer import Tokenizer
 from kimi_jax.inference.engine import Engine
-from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.inference.sampling import Sampling, sample, top_k_filter, top_p_filter
+from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.testing.demo import write_tokenizer
 from kimi_jax.testing.synthetic import TINY_TEXT, k25_config, write_checkpoint
 

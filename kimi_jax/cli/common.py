@@ -82,6 +82,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    value = _number(float, text, "a number of seconds >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 SEED_LIMIT = 2**32
 
 
@@ -173,6 +180,44 @@ def check_images(checkpoint: Path, paths: list[str]) -> None:
         load_image(path)
 
 
+def add_video_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--video PATH`` (repeatable) and the sampling options that apply to every video."""
+    from kimi_jax.media.video import DEFAULT_MAX_FRAMES
+
+    g = p.add_argument_group("video")
+    g.add_argument("--video", action="append", metavar="PATH", type=user_path,
+                   help=f"a video file to ask about (mp4, webm, mov, ...; repeatable), {what}; sampled at the "
+                        "preprocessor's sample_fps (2 per second for K2.5) in chunks of 4 frames")
+    g.add_argument("--video-start", type=seconds, metavar="SECONDS",
+                   help="read the videos from this time on (default: their start)")
+    g.add_argument("--video-end", type=seconds, metavar="SECONDS",
+                   help="read the videos up to this time (default: their end)")
+    g.add_argument("--video-max-frames", type=positive_int, default=DEFAULT_MAX_FRAMES, metavar="N",
+                   help=f"frames sampled from one video at most (default {DEFAULT_MAX_FRAMES}); a longer video "
+                        "gets N frames spread evenly over it, with a warning")
+
+
+def video_part(path: str, args: argparse.Namespace) -> dict:
+    """A chat ``video`` part for ``path`` with the command line's sampling options."""
+    part = {"type": "video", "video": path}
+    for key, value in (("start", args.video_start), ("end", args.video_end), ("max_frames", args.video_max_frames)):
+        if value is not None:
+            part[key] = value
+    return part
+
+
+def check_videos(checkpoint: Path, parts: list[dict]) -> None:
+    """Fails early (before the model loads) on unreadable videos, ranges outside them, or a model
+    without a vision tower."""
+    from kimi_jax.config.model import KimiConfig
+    from kimi_jax.media.video import check_video_range, probe_video
+
+    if parts and not KimiConfig.from_file(checkpoint).is_multimodal:
+        raise ValueError(f"{checkpoint} has no vision tower (its config has no vision_config); it takes no videos")
+    for part in parts:
+        check_video_range(probe_video(part["video"]), part.get("start"), part.get("end"))
+
+
 def checkpoint_preprocessor(checkpoint: Path):
     """The checkpoint's media preprocessing config (K2.5's when it has no preprocessor_config.json)."""
     from kimi_jax.media.preprocess import PreprocessConfig
@@ -182,11 +227,11 @@ def checkpoint_preprocessor(checkpoint: Path):
     return PreprocessConfig.default()
 
 
-def user_message(text: str, images: list[str]) -> dict:
-    """A user turn: the images (as image parts, first) and the text."""
-    if not images:
+def user_message(text: str, images: list[str], videos: list[dict] = ()) -> dict:
+    """A user turn: the images (as image parts, first), the video parts, and the text."""
+    if not images and not videos:
         return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": path} for path in images]
+    parts = [{"type": "image", "image": path} for path in images] + list(videos)
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 

@@ -9,13 +9,16 @@ from pathlib import Path
 from kimi_jax.cli.common import (
     ReplyPrinter,
     add_generation_options,
+    add_video_options,
     check_images,
+    check_videos,
     checkpoint_preprocessor,
     checkpoint_tokenizer,
     generate_kwargs,
     token_ids,
     user_message,
     user_path,
+    video_part,
 )
 
 
@@ -30,11 +33,16 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = checkpoint_tokenizer(checkpoint, required=args.ids is None)
     images = args.image or []
     check_images(checkpoint, images)
-    preprocessor = checkpoint_preprocessor(checkpoint)
+    videos = [video_part(path, args) for path in args.video or []]
     is_chat = args.ids is None and not args.raw
+    if videos and not is_chat:
+        raise ValueError("--video needs a chat prompt (--prompt without --raw): the chat template places "
+                         "the video's chunks and their timestamps")
+    check_videos(checkpoint, videos)
+    preprocessor = checkpoint_preprocessor(checkpoint)
     media = {}
     if is_chat:
-        prompt = [user_message(args.prompt, images)]
+        prompt = [user_message(args.prompt, images, videos)]
     else:
         prompt = args.prompt if args.ids is None else args.ids
         if images:  # the raw prompt holds the placeholders; the images fill them in order
@@ -63,4 +71,5 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", metavar="PATH", type=user_path,
                    help="an image to ask about (repeatable); with --raw or --ids the prompt must hold one "
                         "<|media_pad|> placeholder per image")
+    add_video_options(p, "with --prompt (not --raw or --ids)")
     p.set_defaults(func=run)

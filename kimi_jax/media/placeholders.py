@@ -30,6 +30,7 @@ from kimi_jax.media.preprocess import (
     split_video_chunks,
 )
 from kimi_jax.media.tokens import num_media_tokens
+from kimi_jax.media.video import is_video_source, load_video
 
 # ------------------------------------------------------------------------- placeholders
 
@@ -102,7 +103,7 @@ def check_expanded(placeholders: int, grid_thws: Any, merge_kernel_size: int | S
 # ----------------------------------------------------------------------- chat messages
 
 
-def conversation_media(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+def conversation_media(messages: Sequence[Mapping[str, Any]], cfg: PreprocessConfig | None = None) -> list[Any]:
     """The media of a conversation's content parts, in prompt order: for each image part its
     image (as ``load_image`` takes it), for each video part its list of :class:`VideoChunk`.
 
@@ -110,9 +111,14 @@ def conversation_media(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
     ``file://`` or base64 ``data:`` URL, bytes, a PIL image or an HxWx3 uint8 array; or
     OpenAI-style ``{"type": "image_url", "image_url": {"url": X}}`` (or ``"image_url": X``).
     Video parts: ``{"type": "video", "video": chunks}`` with the chunks of
-    :func:`~kimi_jax.media.preprocess.split_video_chunks`, or ``{"type": "video",
-    "video": frames, "fps": fps}`` with every decoded frame of the video (split here).
-    Remote URLs and encoded videos (``video_url``) raise ``ValueError``: fetch and decode them first.
+    :func:`~kimi_jax.media.preprocess.split_video_chunks`, ``{"type": "video",
+    "video": frames, "fps": fps}`` with every decoded frame of the video (split here), or
+    ``{"type": "video", "video": FILE}`` with FILE a video file's path (or ``file://`` URL),
+    bytes or a base64 ``data:`` URL, decoded and sampled by :func:`kimi_jax.media.video.load_video`
+    with ``cfg`` (default: K2.5's); optional part fields ``"start"`` / ``"end"`` (seconds, default
+    the whole video) and ``"max_frames"`` (default
+    :data:`~kimi_jax.media.video.DEFAULT_MAX_FRAMES`; ``None`` for no cap).
+    Remote URLs and ``video_url`` parts raise ``ValueError``: fetch them and pass a ``video`` part.
     """
     media = []
     for i, message in enumerate(messages):
@@ -125,11 +131,11 @@ def conversation_media(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
             if kind in ("image", "image_url"):
                 media.append(_image_source(part, where))
             elif kind == "video":
-                media.append(_video_chunks(part, where))
+                media.append(_video_chunks(part, where, cfg))
             elif kind == "video_url":
                 raise ValueError(
-                    f"{where}: encoded videos are not decoded here; decode the frames and pass "
-                    "{'type': 'video', 'video': frames, 'fps': fps}"
+                    f"{where}: video_url parts are not read; pass encoded videos as "
+                    "{'type': 'video', 'video': PATH or data: URL}"
                 )
     return media
 
@@ -149,12 +155,18 @@ def _image_source(part: Mapping[str, Any], where: str) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _video_chunks(part: Mapping[str, Any], where: str) -> list[VideoChunk]:
+def _video_chunks(part: Mapping[str, Any], where: str, cfg: PreprocessConfig | None = None) -> list[VideoChunk]:
     video = part.get("video")
     if video is None:
         raise ValueError(f"{where}: no 'video' key")
     if isinstance(video, list | tuple) and video and all(isinstance(c, VideoChunk) for c in video):
         return list(video)
+    if is_video_source(video):
+        options = {k: part[k] for k in ("start", "end", "max_frames") if k in part}
+        try:
+            return load_video(video, cfg, **options)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if part.get("fps") is None:
         raise ValueError(
             f"{where}: give the video as split_video_chunks(...) chunks, or as its frames with an 'fps' key"

@@ -22,7 +22,7 @@ Video: the reference samples ``round(n_frames * min(sample_fps, fps) / fps)`` fr
 (4096). The vision tower pools a chunk over time, so a chunk of any T costs
 ``(H/28) * (W/28)`` tokens, like one image of that size.
 
-Video decoding is out of scope: the helpers here work on already decoded frames.
+The helpers here work on already decoded frames; ``kimi_jax.media.video`` reads video files.
 """
 
 from __future__ import annotations
@@ -540,6 +540,7 @@ class VideoChunk:
     frame_indices: tuple[int, ...]
     timestamp: float          # seconds, start of the chunk
     timestamp_text: str       # e.g. "00:00:02.000"
+    frame_times: tuple[float, ...] | None = None  # the frames' presentation times (decoded files)
 
     @property
     def prompt(self) -> str:

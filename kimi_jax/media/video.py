@@ -334,7 +334,7 @@ def load_video(source: Any, cfg: PreprocessConfig | None = None, *, start: float
             seconds = info.frame_times[b - 1] - info.frame_times[a] + 1.0 / info.fps
             log.warning(
                 "video %s: %.1f s would take %d frames at %g fps; sampled %d frames evenly instead "
-                "(one every %.2f s), the frame limit (max_frames / --video-max-frames)",
+                "(one every %.2f s), the frame limit (max_frames, --video-max-frames)",
                 name, seconds, len(wanted), min(cfg.sample_fps, info.fps), len(picked),
                 seconds / len(picked))
         decoded = _decode_at(container, stream, info, indices)

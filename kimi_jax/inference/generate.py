@@ -124,7 +124,7 @@ def _encode_prompt(
         if isinstance(prompt, str):
             return _Prompt(tokenizer.encode(prompt), False)
         try:
-            media = conversation_media(prompt)
+            media = conversation_media(prompt, preprocessor)
             ids = tokenizer.encode_chat(prompt, tools=tools, thinking=thinking, template=template,
                                         postprocess=lambda text: insert_video_chunks(text, media))
             pixels = preprocess_conversation_media(media, preprocessor) if media else None

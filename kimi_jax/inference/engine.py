@@ -115,17 +115,21 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, *, k
     jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="slots"
 )
 def prefill_step(
-    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, slot: jax.Array, ids: jax.Array | None,
-    embeds: jax.Array | None, count: jax.Array, final: jax.Array, *, absorbed: bool, key_block: int,
+    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array, ids: jax.Array | None,
+    embeds: jax.Array | None, counts: jax.Array, final: jax.Array, *, absorbed: bool, key_block: int,
 ):
-    """Appends ``count`` tokens (``ids`` [1, T] or ``embeds`` [1, T, D]) to slot ``slot``'s
-    cache; on the ``final`` chunk samples the request's first token. Returns
-    (state, token [1], finished [1])."""
+    """Appends ``counts[i]`` tokens (``ids`` [P, T] or ``embeds`` [P, T, D]) to the cache of
+    slot ``rows[i]`` (distinct slots; a row with count 0 is left as it is); a row whose
+    ``final`` chunk this is samples its request's first token. Returns (state, tokens [S],
+    finished [S]), -1 / False for the slots that emitted nothing."""
     model = nnx.merge(graphdef, state)
-    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), slots.cache)
-    logits, row = model.extend(ids, count[None], row, absorbed=absorbed, key_block=key_block, inputs_embeds=embeds)
-    cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), slots.cache, row)
-    return _emit(dataclasses.replace(slots, cache=cache), logits, slot[None], final[None])
+    sub = jax.tree.map(lambda a: a[rows], slots.cache)
+    logits, sub = model.extend(ids, counts, sub, absorbed=absorbed, key_block=key_block, inputs_embeds=embeds)
+    cache = jax.tree.map(lambda a, r: a.at[rows].set(r), slots.cache, sub)
+    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, final)
+    S = slots.active.shape[0]
+    return (slots, jnp.full((S,), -1, jnp.int32).at[rows].set(tokens),
+            jnp.zeros((S,), bool).at[rows].set(finished))
 
 
 @functools.partial(jax.jit, donate_argnames="slots")
@@ -210,17 +214,19 @@ class Engine:
     """Continuous batching over ``max_slots`` cache slots of ``max_length`` tokens.
 
     The mesh comes with the model (``kimi_jax.load(..., mesh=...)``): the cache's slots are
-    split over the layout's batch axes. ``prefill_chunk`` is the prompt tokens fed per step;
+    split over the layout's batch axes. ``prefill_chunk`` is the prompt tokens fed per step
+    to each of up to ``prefill_rows`` requests being prefilled (their chunks run together);
     ``cache_dtype`` the cache's dtype; ``key_block`` overrides the attention key block
     (``kimi_jax.inference.steps.key_block_for``).
     """
 
     def __init__(
         self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
-        cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
+        prefill_rows: int = 4, cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
     ):
         cfg = model.config.text
-        for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk)):
+        for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk),
+                            ("prefill_rows", prefill_rows)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if max_length > cfg.max_position_embeddings:
@@ -232,11 +238,12 @@ class Engine:
         self.placeholder_id = model.config.media_placeholder_token_id
         self.max_slots, self.max_length = max_slots, max_length
         self.chunk = min(prefill_chunk, max_length)
+        self.prefill_rows = min(prefill_rows, max_slots)
         self.graphdef, self.state = nnx.split(model.language_model)
         self._whole = nnx.split(model) if self.vision is not None else None
         self._absorbed_prefill = absorbed_is_cheaper(cfg, self.chunk)
         self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
-        self._prefill_block = key_block_for(cfg, 1, self.chunk, max_length, key_block)
+        self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
         self._slots = SlotState.create(self._empty_cache())
         self._waiting: collections.deque[Request] = collections.deque()
@@ -327,7 +334,7 @@ class Engine:
             owners = [self._running.get(s) for s in range(self.max_slots)]
             dispatched.append((tokens, finished, owners))
         if self._prefilling:
-            out = self._prefill_chunk(self._prefilling[0])
+            out = self._prefill_chunks()
             if out is not None:
                 dispatched.append(out)
         self._stats["steps"] += 1
@@ -396,36 +403,42 @@ class Engine:
         is_media[0, : len(ids)] = ids == self.placeholder_id
         return embed_step(graphdef, state, padded, is_media, jnp.asarray(pixel_values), grids)
 
-    def _prefill_chunk(self, job: _Prefill):
-        """Feeds the next chunk of ``job``'s prompt; on its last chunk, the request starts decoding."""
-        request, T = job.request, self.chunk
-        prompt = request.prompt_ids
-        count = min(T, len(prompt) - job.cursor)
-        final = job.cursor + count == len(prompt)
-        ids = embeds = None
-        if job.embeds is None:
-            chunk = np.zeros((1, T), np.int32)
-            chunk[0, :count] = prompt[job.cursor : job.cursor + count]
-            ids = jnp.asarray(chunk)
-        else:
-            embeds = jax.lax.dynamic_slice_in_dim(job.embeds, job.cursor, T, axis=1)
-        self._slots, token, finished = prefill_step(
-            self.graphdef, self.state, self._slots, jnp.int32(job.slot), ids, embeds, jnp.int32(count),
-            jnp.bool_(final), absorbed=self._absorbed_prefill, key_block=self._prefill_block,
+    def _prefill_chunks(self):
+        """Feeds the next chunk of up to ``prefill_rows`` requests being prefilled (the oldest,
+        all with media or all without); those on their last chunk start decoding."""
+        T, P = self.chunk, self.prefill_rows
+        media = self._prefilling[0].embeds is not None
+        jobs = [job for job in self._prefilling if (job.embeds is not None) == media][:P]
+        spare = [s for s in range(self.max_slots) if s not in {job.slot for job in jobs}]
+        rows = [job.slot for job in jobs] + spare[: P - len(jobs)]  # distinct slots; spare rows feed nothing
+        counts = np.zeros(P, np.int32)
+        final = np.zeros(P, bool)
+        ids = np.zeros((P, T), np.int32)
+        embeds = jnp.zeros((P, T, self.config.hidden_size), jobs[0].embeds.dtype) if media else None
+        for i, job in enumerate(jobs):
+            prompt = job.request.prompt_ids
+            counts[i] = min(T, len(prompt) - job.cursor)
+            final[i] = job.cursor + counts[i] == len(prompt)
+            if media:
+                embeds = embeds.at[i].set(jax.lax.dynamic_slice_in_dim(job.embeds[0], job.cursor, T, axis=0))
+            else:
+                ids[i, : counts[i]] = prompt[job.cursor : job.cursor + counts[i]]
+        self._slots, tokens, finished = prefill_step(
+            self.graphdef, self.state, self._slots, jnp.asarray(rows, jnp.int32), None if media else jnp.asarray(ids),
+            embeds, jnp.asarray(counts), jnp.asarray(final), absorbed=self._absorbed_prefill,
+            key_block=self._prefill_block,
         )
-        job.cursor += count
-        self._stats["prefilled_tokens"] += count
-        reusable = self._reusable(prompt, request.media is not None)
-        self._cached[job.slot] = list(reusable[: job.cursor])
-        if not final:
-            return None
-        self._prefilling.popleft()
-        self._running[job.slot] = request
         owners: list[Request | None] = [None] * self.max_slots
-        owners[job.slot] = request
-        tokens = jnp.full((self.max_slots,), -1, jnp.int32).at[job.slot].set(token[0])
-        done = jnp.zeros((self.max_slots,), bool).at[job.slot].set(finished[0])
-        return tokens, done, owners
+        for i, job in enumerate(jobs):
+            request = job.request
+            job.cursor += int(counts[i])
+            self._stats["prefilled_tokens"] += int(counts[i])
+            self._cached[job.slot] = self._reusable(request.prompt_ids, request.media is not None)[: job.cursor]
+            if final[i]:
+                self._prefilling.remove(job)
+                self._running[job.slot] = request
+                owners[job.slot] = request
+        return (tokens, finished, owners) if final.any() else None
 
     def _collect(self, tokens: jax.Array, finished: jax.Array, owners: list[Request | None]) -> None:
         """Hands a step's tokens to their requests and frees the slots of finished ones, then

@@ -227,3 +227,15 @@ def test_top_p_off_is_exact_beside_filtering_rows():
     logits = jax.random.normal(jax.random.key(0), (2, 163840)) * 3
     out = filter_logits(logits, jnp.array([1.0, 0.5]), jnp.array([0, 0]))
     assert bool(jnp.isfinite(out[0]).all()) and not bool(jnp.isfinite(out[1]).all())
+
+
+def test_several_prompts_prefill_in_one_step(model, prompts, solo):
+    """Up to prefill_rows requests read their prompts together; outputs stay their solo ones."""
+    eng = engine(model, prefill_chunk=16, prefill_rows=3)
+    requests = [eng.submit(p, max_new_tokens=NEW) for p in prompts[:3]]
+    eng.step()  # admits all three and prefills their (short) prompts at once
+    eng.step()  # reads the first tokens
+    assert all(len(r.token_ids) >= 1 for r in requests)
+    assert eng.stats()["prefilled_tokens"] == sum(map(len, prompts[:3]))
+    eng.run()
+    assert [r.token_ids for r in requests] == solo[:3]

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--xla-max", type=int, default=256,
                         help="largest token count for grouped-xla (it writes every expert in bf16 first)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impls", nargs="+", default=["grouped-pallas", "grouped-xla"],
+                        choices=["grouped-pallas", "grouped-xla"])
     parser.add_argument("--out", default=str(RESULTS / "moe.jsonl"))
     args = parser.parse_args()
 
@@ -56,7 +58,7 @@ def main() -> None:
     route = jax.jit(lambda x: moe.gate(x)[1])
     graphdef, state = nnx.split(moe)
     steps = {}
-    for impl in ("grouped-pallas", "grouped-xla"):
+    for impl in args.impls:
         moe.set_impl(impl)
         graphdef = nnx.graphdef(moe)
         steps[impl] = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))

@@ -59,8 +59,6 @@ try:  # Triton-specific Pallas API; absent in some jax builds.
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
-TRITON_AVAILABLE = plgpu is not None
-"""Whether this jax has Pallas' Triton backend (the MoE falls back to XLA without it)."""
 
 GROUP = 32  # inputs per scale (K2.5's INT4 format)
 _MAGIC = 0x4300  # bf16 bits of 128.0: 0x4300 | v (v < 128) is the bf16 number 128 + v

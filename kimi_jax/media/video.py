@@ -43,7 +43,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -134,6 +133,7 @@ def _source(x: Any) -> tuple[Any, str]:
 
 
 def _open(src: Any, name: str):
+    import av  # imported where videos are decoded: the rest of kimi_jax works without it
     if isinstance(src, io.BytesIO):
         src.seek(0)
     try:
@@ -161,6 +161,7 @@ def _decoder_check(stream, name: str) -> str:
 
 
 def _probe(container, stream, name: str) -> VideoInfo:
+    import av  # imported where videos are decoded: the rest of kimi_jax works without it
     codec = _decoder_check(stream, name)
     tb = float(stream.time_base) if stream.time_base else None
     packets = []  # (pts, duration, keyframe)
@@ -245,6 +246,7 @@ def check_video_range(info: VideoInfo, start: float | None = None, end: float | 
 
 def _decode_at(container, stream, info: VideoInfo, indices: list[int]) -> dict[int, np.ndarray]:
     """RGB uint8 frames (the first decoded frame's size) at the given frame indices."""
+    import av  # imported where videos are decoded: the rest of kimi_jax works without it
     first = info.pts[0]
     key_pts = list(info.keyframe_pts)
     out: dict[int, np.ndarray] = {}

@@ -207,6 +207,19 @@ def _cfg(cfg: PreprocessConfig | Mapping[str, Any] | None) -> PreprocessConfig:
 # --------------------------------------------------------------------------------------
 
 
+def decode_data_url(url: str, kind: str) -> tuple[bytes, str]:
+    """The bytes of a base64 ``data:`` URL and how errors name it; ``ValueError`` naming the
+    ``kind`` of medium (image, video) for anything else."""
+    head, sep, payload = url.partition(",")
+    name = f"data URL {head[:40]!r}"
+    if not sep or ";base64" not in head:
+        raise ValueError(f"cannot read {kind} {name}: expected a base64 payload")
+    try:
+        return base64.b64decode(payload, validate=True), name
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"cannot read {kind} {name}: bad base64 ({e})") from None
+
+
 def _open_pil(fp: Any, what: str) -> Image.Image:
     try:
         img = Image.open(fp)
@@ -238,14 +251,8 @@ def load_image(x: Any) -> Image.Image:
         if isinstance(s, bytes):
             s = s.decode()
         if s.startswith("data:"):
-            head, sep, payload = s.partition(",")
-            if not sep or ";base64" not in head:
-                raise ValueError(f"cannot read image data URL {head[:40]!r}: expected base64 payload")
-            try:
-                raw = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise ValueError(f"cannot read image data URL {head[:40]!r}: bad base64 ({e})") from None
-            img = _open_pil(io.BytesIO(raw), f"data URL {head[:40]!r}")
+            raw, name = decode_data_url(s, "image")
+            img = _open_pil(io.BytesIO(raw), name)
             what = "data URL"
         else:
             if not os.path.exists(s):

@@ -32,8 +32,6 @@ FFmpeg cannot decode, corrupt data, a range outside the video) raises ``ValueErr
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import dataclasses
 import io
@@ -49,6 +47,7 @@ from PIL import Image
 from kimi_jax.media.preprocess import (
     PreprocessConfig,
     VideoChunk,
+    decode_data_url,
     sample_video_frames,
     timestamp_as_str,
     video_chunk_resize_plan,
@@ -106,14 +105,7 @@ def _source(x: Any) -> tuple[Any, str]:
     if isinstance(s, bytes):
         s = s.decode()
     if s.startswith("data:"):
-        head, sep, payload = s.partition(",")
-        name = f"data URL {head[:40]!r}"
-        if not sep or ";base64" not in head:
-            raise ValueError(f"cannot read video {name}: expected a base64 payload")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"cannot read video {name}: bad base64 ({e})") from None
+        data, name = decode_data_url(s, "video")
         if not data:
             raise ValueError(f"cannot read video {name}: it is empty")
         return io.BytesIO(data), name

@@ -54,39 +54,25 @@ def _number(kind, text: str, what: str):
     return value
 
 
-def temperature(text: str) -> float:
-    value = _number(float, text, "a number >= 0 (0 = greedy)")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
-    return value
+def _option(name: str, kind, what: str, ok, rule: str):
+    """An argparse type: the text as ``kind`` (``what`` says which), refused unless ``ok(value)``
+    with "must be ``rule``"."""
+
+    def parse(text: str):
+        value = _number(kind, text, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def top_p(text: str) -> float:
-    value = _number(float, text, "a number in (0, 1]")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def seconds(text: str) -> float:
-    value = _number(float, text, "a number of seconds >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return value
+temperature = _option("temperature", float, "a number >= 0 (0 = greedy)", lambda v: v >= 0, ">= 0 (0 = greedy)")
+top_p = _option("top_p", float, "a number in (0, 1]", lambda v: 0 < v <= 1, "in (0, 1]")
+non_negative_int = _option("non_negative_int", int, "an integer >= 0", lambda v: v >= 0, ">= 0")
+positive_int = _option("positive_int", int, "an integer >= 1", lambda v: v >= 1, ">= 1")
+seconds = _option("seconds", float, "a number of seconds >= 0", lambda v: v >= 0, ">= 0 seconds")
 
 
 SEED_LIMIT = 2**32

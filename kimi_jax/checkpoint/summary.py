@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from kimi_jax.checkpoint.convert import abstract_params
 from kimi_jax.config.model import KimiConfig
 
 COMPONENTS = (
@@ -34,11 +33,52 @@ def component_of(path: tuple) -> str:
     return "norms"
 
 
+VISION = "vision"
+"""The component of the vision tower's and the projector's parameters (not part of the decoder)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One parameter array of the model as the device holds it: its component (one of
+    :data:`COMPONENTS` or :data:`VISION`), shape, logical axes and bits per value."""
+
+    component: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.bits // 8
+
+
+_WEIGHTS: dict[tuple[str, str, str], tuple[Weight, ...]] = {}
+
+
+def model_weights(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "dense") -> tuple[Weight, ...]:
+    """Every parameter array of the model (decoder, and the vision tower and projector if it
+    has them), from the abstract model: no memory. Remembered per config, dtype and format."""
+    from flax import nnx
+
+    from kimi_jax.model.kimi import Kimi
+
+    key = (config.to_json(), jnp.dtype(dtype).name, expert_format)
+    if key not in _WEIGHTS:
+        model = nnx.eval_shape(lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), expert_format=expert_format))
+        _WEIGHTS[key] = tuple(
+            Weight(component_of(path[1:]) if path[0] == "language_model" else VISION, tuple(var.shape),
+                   tuple(var.get_metadata()["axes"]), jax.dtypes.itemsize_bits(var.dtype))
+            for path, var in nnx.to_flat_state(nnx.state(model))
+        )
+    return _WEIGHTS[key]
+
+
 def parameter_counts(config: KimiConfig) -> dict[str, int]:
     """Decoder parameters by component (from the abstract model: no memory)."""
     counts = dict.fromkeys(COMPONENTS, 0)
-    for path, leaf in traverse_util.flatten_dict(abstract_params(config, jnp.bfloat16)["language_model"]).items():
-        counts[component_of(path)] += math.prod(leaf.shape)
+    for w in model_weights(config):
+        if w.component != VISION:
+            counts[w.component] += math.prod(w.shape)
     return counts
 
 
@@ -46,27 +86,30 @@ def device_bytes(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "d
     """Decoder bytes on the device by component, for parameters in ``dtype`` and routed experts
     in ``expert_format`` (``int4``: half a byte per value plus the bfloat16 scales)."""
     sizes = dict.fromkeys(COMPONENTS, 0)
-    params = abstract_params(config, dtype, expert_format)["language_model"]
-    for path, leaf in traverse_util.flatten_dict(params).items():
-        sizes[component_of(path)] += math.prod(leaf.shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8
+    for w in model_weights(config, dtype, expert_format):
+        if w.component != VISION:
+            sizes[w.component] += w.nbytes
     return sizes
 
 
-def bytes_per_device(config: KimiConfig, layout, dtype=jnp.bfloat16, expert_format: str = "dense") -> int:
-    """Decoder parameter bytes one device holds under a mesh layout (the largest shard of each array)."""
-    from flax import nnx
-
-    from kimi_jax.model.kimi import Kimi
-
-    model = nnx.eval_shape(lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), expert_format=expert_format))
-    total = 0
-    for _, var in nnx.to_flat_state(nnx.state(model.language_model)):
-        spec = layout.spec(var.get_metadata()["axes"], var.shape)
+def sharded_bytes(weights: tuple[Weight, ...], layout) -> dict[str, int]:
+    """Bytes one device holds of each component under a mesh layout (each array's shard: its
+    bytes over the ways the layout splits it; a layout that cannot split an array evenly is a
+    :class:`~kimi_jax.parallel.layout.LayoutError`)."""
+    sizes = dict.fromkeys((*COMPONENTS, VISION), 0)
+    for w in weights:
+        spec = layout.spec(w.axes, w.shape)
         ways = math.prod(
             math.prod(layout.axis_size(m) for m in ((p,) if isinstance(p, str) else p)) for p in spec if p is not None
         )
-        total += math.prod(var.shape) * jax.dtypes.itemsize_bits(var.dtype) // 8 // ways
-    return total
+        sizes[w.component] += w.nbytes // ways
+    return sizes
+
+
+def bytes_per_device(config: KimiConfig, layout, dtype=jnp.bfloat16, expert_format: str = "dense") -> dict[str, int]:
+    """Parameter bytes one device holds of each component under a mesh layout (``vision``: the
+    vision tower and projector, zero for a text-only model)."""
+    return sharded_bytes(model_weights(config, dtype, expert_format), layout)
 
 
 def bits_per_expert_parameter(config: KimiConfig, dtype=jnp.bfloat16, expert_format: str = "dense") -> float:

@@ -47,8 +47,24 @@ def run(args: argparse.Namespace) -> None:
         from kimi_jax.parallel.layout import load_layout
 
         layout = load_layout(args.mesh)
-        per_device = bytes_per_device(config, layout, DTYPES[dtype], experts)
-        print(f"mesh {layout.name} ({layout.describe()}): {human_bytes(per_device)} of decoder parameters per device")
+        print(f"\nmesh {layout.name} ({layout.describe()})")
+        print(mesh_table(bytes_per_device(config, layout, DTYPES[dtype], experts)))
+
+
+def mesh_table(per_device: dict[str, int]) -> str:
+    """The parameter bytes per device by component (exact and readable), the decoder's total
+    and, for a model with one, the vision tower's: what ``info --mesh`` and ``plan`` print."""
+    from kimi_jax.checkpoint.summary import VISION, human_bytes
+
+    decoder = {k: v for k, v in per_device.items() if k != VISION}
+    lines = [f"{'per device':18s}{'bytes':>20s}{'':8s}"]
+    lines += [f"  {name:16s}{n:>20,d}{'':8s}{human_bytes(n):>14s}" for name, n in decoder.items()]
+    total = sum(decoder.values())
+    lines.append(f"  {'total':16s}{total:>20,d}{'':8s}{human_bytes(total):>14s} of decoder parameters per device")
+    if per_device.get(VISION):
+        lines.append(f"  {VISION:16s}{per_device[VISION]:>20,d}{'':8s}{human_bytes(per_device[VISION]):>14s}"
+                     " (vision tower and projector)")
+    return "\n".join(lines)
 
 
 def register(sub) -> None:

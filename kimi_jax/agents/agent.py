@@ -218,6 +218,10 @@ class Runner:
 _NOT_READY = object()
 
 
+def _gather(runs: list[RunGenerator]) -> RunGenerator:
+    return (yield Gather(runs))
+
+
 def as_engine(engine_or_model: Any, *, max_slots: int, max_length: int, prefill_chunk: int = 256) -> Any:
     """``engine_or_model`` if it serves requests (``submit`` / ``step``), else a new
     :class:`~kimi_jax.inference.engine.Engine` for the model (``max_length`` capped at its context)."""
@@ -320,6 +324,20 @@ class Agent:
         result = Runner(self.engine).run(self.episode(task, seed=self.seed if seed is None else seed))
         result.engine_steps = self.engine.stats()["steps"] - start
         return result
+
+    def run_many(self, tasks: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[AgentResult]:
+        """Runs the agent on every task at once (each its own conversation), all decoding in the
+        same engine steps; task ``i`` samples with ``seeds[i]`` (default ``seed + i``). Each
+        result's ``engine_steps`` is the engine steps all of them took together."""
+        seeds = [self.seed + i for i in range(len(tasks))] if seeds is None else list(seeds)
+        if len(seeds) != len(tasks):
+            raise ValueError(f"{len(tasks)} tasks but {len(seeds)} seeds")
+        episodes = [self.episode(t, seed=s, label=f"{self.name} {i}") for i, (t, s) in enumerate(zip(tasks, seeds))]
+        start = self.engine.stats()["steps"]
+        results = Runner(self.engine).run(_gather(episodes))
+        for result in results:
+            result.engine_steps = self.engine.stats()["steps"] - start
+        return results
 
     # ---- one run, as a generator
 

@@ -278,7 +278,8 @@ class Agent:
     from type hints and docstrings), :class:`~kimi_jax.agents.tools.Tool` s, or
     ``(declaration, function)`` pairs. ``tokenizer``: a Tokenizer or the checkpoint folder.
     ``system``: the system prompt, if any. ``mode``: ``"thinking"`` or ``"instant"`` (prompt
-    and Moonshot's sampling defaults; ``temperature`` / ``top_p`` override them, 0 is greedy).
+    and Moonshot's sampling defaults; ``temperature`` / ``top_p`` override them, 0 is greedy;
+    ``top_k`` 0 is off).
     ``max_steps``: replies per run. ``context``: one of :data:`CONTEXT_POLICIES`
     (``context_limit`` tokens: apply the policy only once the prompt would be longer;
     ``discard_all`` needs it). ``on_event`` receives :class:`AgentEvent` s as the run goes.
@@ -287,7 +288,8 @@ class Agent:
     def __init__(
         self, engine_or_model: Any, tools: Sequence[Any] = (), *, tokenizer: Tokenizer | str | Path,
         system: str | None = None, mode: str = "thinking", max_steps: int = 15, max_new_tokens: int = 1024,
-        temperature: float | None = None, top_p: float | None = None, seed: int = 0, context: str = "keep_all",
+        temperature: float | None = None, top_p: float | None = None, top_k: int = 0, seed: int = 0,
+        context: str = "keep_all",
         context_limit: int | None = None, on_event: Callable[[AgentEvent], None] | None = None,
         max_slots: int = 1, max_length: int = 8192, name: str = "agent",
     ):
@@ -310,7 +312,7 @@ class Agent:
         defaults = RECOMMENDED_SAMPLING[mode]
         self.temperature = defaults.temperature if temperature is None else temperature
         self.top_p = defaults.top_p if top_p is None else top_p
-        self.seed, self.context, self.context_limit = seed, context, context_limit
+        self.top_k, self.seed, self.context, self.context_limit = top_k, seed, context, context_limit
         self.on_event, self.name = on_event, name
 
     @property
@@ -368,7 +370,8 @@ class Agent:
                 on_token = _StepStream(self.tokenizer, thinking, lambda kind, text, k=k: self.on_event(
                     AgentEvent(label, k, kind, text))).token
             request = yield Generate(ids, dict(
-                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed + k,
+                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                seed=seed + k,
                 stop_ids=self.stop_ids, on_token=on_token))
             out = list(request.token_ids)
             stopped = bool(out) and out[-1] in self.stop_ids

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from kimi_jax.cli import agent, chat, convert, demo, generate, info, plan, verify
+from kimi_jax.cli import agent, chat, convert, demo, generate, info, plan, train, verify
 from kimi_jax.cli.common import error_message
 
-COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent)
+COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

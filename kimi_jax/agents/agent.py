@@ -147,15 +147,23 @@ class _Task:
 class Runner:
     """Drives runs to completion: steps ``engine`` while any run waits for a generation, so
     all runs waiting at once decode in the same batched steps; tool jobs run on a pool of
-    ``workers`` threads meanwhile."""
+    ``workers`` threads meanwhile.
 
-    def __init__(self, engine: Any, *, workers: int = 16):
-        self.engine = engine
-        self.workers = workers
+    Launches ramp up so that runs share their cached prefix: of prompts whose first
+    ``share_min`` tokens are the same, the first is submitted alone; the others wait until it
+    has been read (its first token produced), then the engine copies the shared part of its
+    slot's cache instead of prefilling it again.
+    """
+
+    def __init__(self, engine: Any, *, workers: int = 16, share_min: int = 64):
+        self.engine, self.workers, self.share_min = engine, workers, share_min
+        self._held: list[tuple[_Task, Generate]] = []
+        self._heads: set[tuple[int, ...]] = set()  # the first share_min tokens of every prompt submitted
 
     def run(self, root: RunGenerator) -> Any:
         """Runs ``root`` (and every run it gathers) to completion; returns its return value."""
         live: list[_Task] = []
+        self._held, self._heads = [], set()
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="kimi-jax-tool") as pool:
             top = _Task(root)
             try:
@@ -167,17 +175,35 @@ class Runner:
                         if value is not _NOT_READY:
                             self._resume(task, value, live, pool)
                             progressed = True
-                    if any(t.generating and not t.waiting.done for t in live):
+                    self._submit(live)
+                    if any(t.generating and t.waiting is not None and not t.waiting.done for t in live):
                         self.engine.step()
                     elif not progressed:
                         jobs = [t.waiting for t in live if isinstance(t.waiting, concurrent.futures.Future)]
                         concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_COMPLETED)
             except BaseException:
                 for task in live:
-                    if task.generating and not task.waiting.done:
+                    if task.generating and task.waiting is not None and not task.waiting.done:
                         self.engine.cancel(task.waiting)
                 raise
         return top.result
+
+    def _submit(self, live: list[_Task]) -> None:
+        """Submits the held generations but those whose prefix a request still reads (the
+        first of a new prefix is submitted, and reads it)."""
+        m = self.share_min
+        reading = {tuple(t.waiting.prompt_ids[:m]) for t in live
+                   if t.generating and t.waiting is not None and not t.waiting.done and not t.waiting.token_ids}
+        held, self._held = self._held, []
+        for task, need in held:
+            head = tuple(need.prompt_ids[:m]) if len(need.prompt_ids) >= m else None
+            if head is not None and head in reading:
+                self._held.append((task, need))
+                continue
+            task.waiting = self.engine.submit(need.prompt_ids, **need.options)
+            if head is not None and head not in self._heads:
+                self._heads.add(head)
+                reading.add(head)
 
     @staticmethod
     def _ready(task: _Task) -> Any:
@@ -186,7 +212,7 @@ class Runner:
             return w.result() if w.done() else _NOT_READY
         if isinstance(w, list):
             return [c.result for c in w] if all(c.done for c in w) else _NOT_READY
-        return w if w.done else _NOT_READY
+        return w if w is not None and w.done else _NOT_READY
 
     def _resume(self, task: _Task, value: Any, live: list[_Task], pool: concurrent.futures.Executor) -> None:
         """Sends ``value`` into ``task``'s run and starts what it waits for next."""
@@ -201,7 +227,8 @@ class Runner:
             live.append(task)
         task.generating = isinstance(need, Generate)
         if isinstance(need, Generate):
-            task.waiting = self.engine.submit(need.prompt_ids, **need.options)
+            task.waiting = None  # submitted by _submit
+            self._held.append((task, need))
         elif isinstance(need, Job):
             task.waiting = pool.submit(_guarded, need.function)
         elif isinstance(need, Gather):
@@ -283,6 +310,8 @@ class Agent:
     ``max_steps``: replies per run. ``context``: one of :data:`CONTEXT_POLICIES`
     (``context_limit`` tokens: apply the policy only once the prompt would be longer;
     ``discard_all`` needs it). ``on_event`` receives :class:`AgentEvent` s as the run goes.
+    ``stop_ids`` replace the tokenizer's (``<|im_end|>``, ``[EOS]``) and the checkpoint's
+    ``generation_config.json`` ones that end a reply (``()``: replies run to ``max_new_tokens``).
     """
 
     def __init__(
@@ -291,7 +320,7 @@ class Agent:
         temperature: float | None = None, top_p: float | None = None, top_k: int = 0, seed: int = 0,
         context: str = "keep_all",
         context_limit: int | None = None, on_event: Callable[[AgentEvent], None] | None = None,
-        max_slots: int = 1, max_length: int = 8192, name: str = "agent",
+        max_slots: int = 1, max_length: int = 8192, name: str = "agent", stop_ids: Sequence[int] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -304,6 +333,8 @@ class Agent:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         self.engine = as_engine(engine_or_model, max_slots=max_slots, max_length=max_length)
         self.tokenizer, self.stop_ids = load_tokenizer(tokenizer)
+        if stop_ids is not None:
+            self.stop_ids = sorted(set(stop_ids))
         self.tools = [as_tool(*t) if isinstance(t, tuple) else as_tool(t) for t in tools]
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):

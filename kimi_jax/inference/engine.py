@@ -23,6 +23,12 @@ shares a longer prefix (a system prompt and tool declarations shared by many age
 slot's cache is copied into a free one first. Media placeholders are never reused (two
 prompts with equal placeholder ids may carry different images).
 
+**Token masks.** A request may carry a :class:`TokenConstraint` (a grammar for tool-call
+arguments, say): before each of its tokens the engine asks it for a bitmask of the allowed
+ids and applies it to the logits on the device, in the same sampling. While such a request
+runs, each step's tokens are read before the next step is dispatched (the next mask depends
+on them); without one, nothing is masked, copied or waited for.
+
 Rows are independent (attention stays within a slot; routing is per token), so greedy
 output equals what a request produces alone, wherever and whenever it was admitted (in
 float32; in bfloat16 a reused prefix written by decode steps can differ in the last bits
@@ -35,6 +41,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +76,44 @@ class SlotState:
     top_p: jax.Array  # [S] float32 (1: off)
     top_k: jax.Array  # [S] int32 (0: off)
     keys: jax.Array  # [S, 2] uint32: the request's PRNG key data; token t uses fold_in(key, t)
+    allowed: jax.Array  # [S, ceil(V / 32)] uint32: bit v % 32 of word v // 32 set where token v may be sampled
 
     @classmethod
-    def create(cls, cache: KVCache) -> SlotState:
+    def create(cls, cache: KVCache, vocab_size: int) -> SlotState:
         S = cache.batch
         return cls(
             cache, jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool), jnp.zeros((S,), jnp.int32),
             jnp.zeros((S,), jnp.int32), jnp.full((S, MAX_STOP_IDS), -1, jnp.int32), jnp.zeros((S,), jnp.float32),
             jnp.ones((S,), jnp.float32), jnp.zeros((S,), jnp.int32), jnp.zeros((S, 2), jnp.uint32),
+            jnp.asarray(all_allowed(S, vocab_size)),
         )
+
+
+def all_allowed(rows: int, vocab_size: int) -> np.ndarray:
+    """A bitmask [rows, ceil(vocab_size / 32)] (uint32) that allows every token."""
+    return np.full((rows, -(-vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+
+
+class TokenConstraint(Protocol):
+    """What a request's ``constraint`` provides: ``mask()`` is the bitmask of the tokens the
+    next one may be (uint32 or int32 [ceil(V / 32)], bit ``v % 32`` of word ``v // 32`` for
+    token ``v``; a shorter mask disallows the ids past its end), or ``None`` for any token;
+    ``accept(token)`` is called with each token the request produced."""
+
+    def mask(self) -> np.ndarray | None: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+def _apply_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """``logits`` [n, V] with the tokens that ``allowed`` [n, ceil(V / 32)] excludes set to ``-inf``
+    (skipped when nothing is excluded)."""
+    def apply(logits):
+        bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
+        return jnp.where(keep, logits, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(allowed != jnp.uint32(0xFFFFFFFF)), apply, lambda x: x, logits)
 
 
 def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Array) -> tuple[SlotState, jax.Array, jax.Array]:
@@ -87,6 +123,7 @@ def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Ar
     keys = jax.vmap(lambda data, t: jax.random.fold_in(jax.random.wrap_key_data(data), t))(
         slots.keys[rows], slots.produced[rows]
     )
+    logits = _apply_mask(logits.astype(jnp.float32), slots.allowed[rows])
     tokens = sample_rows(logits, keys, slots.temperature[rows], slots.top_p[rows], slots.top_k[rows])
     produced = slots.produced[rows] + emitting
     stop = (tokens[:, None] == slots.stops[rows]).any(-1) | (produced >= slots.budget[rows])
@@ -159,7 +196,13 @@ def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array) -> SlotStat
     return dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers))
 
 
-_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, embed_step)
+@functools.partial(jax.jit, donate_argnames="slots")
+def mask_step(slots: SlotState, allowed: jax.Array) -> SlotState:
+    """Replaces every slot's token bitmask."""
+    return dataclasses.replace(slots, allowed=allowed)
+
+
+_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, embed_step)
 
 
 def _compilations() -> int:
@@ -181,6 +224,7 @@ class Request:
     stop_ids: tuple[int, ...]
     engine: Engine = dataclasses.field(repr=False)
     on_token: Callable[[int], None] | None = dataclasses.field(default=None, repr=False)
+    constraint: TokenConstraint | None = dataclasses.field(default=None, repr=False)
     media: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
@@ -245,7 +289,9 @@ class Engine:
         self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
         self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
-        self._slots = SlotState.create(self._empty_cache())
+        self._slots = SlotState.create(self._empty_cache(), cfg.vocab_size)
+        self._masks = all_allowed(max_slots, cfg.vocab_size)  # what the device's slots.allowed holds
+        self._masks_clear = True
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[_Prefill] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request decoding there
@@ -266,6 +312,7 @@ class Engine:
         self, prompt_ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
         top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
         pixel_values: np.ndarray | None = None, grid_thws: np.ndarray | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Request:
         """Queues a request; it is admitted at a later :meth:`step`.
 
@@ -274,7 +321,8 @@ class Engine:
         ``stop_ids`` (at most :data:`MAX_STOP_IDS`, the stop token included in its output),
         after ``max_new_tokens``, or when its slot is full. ``on_token(token_id)`` is called
         as each token arrives. Media: ``pixel_values`` / ``grid_thws`` for a prompt holding
-        one ``<|media_pad|>`` per media token.
+        one ``<|media_pad|>`` per media token. ``constraint`` restricts each token to those its
+        mask allows (:class:`TokenConstraint`).
         """
         [prompt] = check_prompts([prompt_ids], self.config.vocab_size)
         if len(prompt) > self.max_length:
@@ -303,7 +351,7 @@ class Engine:
             media = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
         request = Request(
             self._next_id, prompt, max_new_tokens, float(temperature), float(top_p), top_k, int(seed), stops,
-            self, on_token, media,
+            self, on_token, constraint, media,
         )
         self._next_id += 1
         self._waiting.append(request)
@@ -325,6 +373,12 @@ class Engine:
     def step(self) -> None:
         """Admit, decode the running slots, feed one prefill chunk, then read the previous step's tokens."""
         self._admit()
+        constrained = bool(self._constrained())
+        if constrained:  # the masks follow the tokens so far: read every dispatched step first
+            pending, self._pending = self._pending, []
+            for tokens, finished, owners in pending:
+                self._collect(tokens, finished, owners)
+        self._update_masks()
         dispatched = []
         if self._running:
             slots, tokens, finished = decode_step(
@@ -341,10 +395,34 @@ class Engine:
         previous, self._pending = self._pending, dispatched
         for tokens, finished, owners in previous:
             self._collect(tokens, finished, owners)
-        if not dispatched:  # nothing new runs: nothing to overlap with
+        if not dispatched or constrained:  # nothing new runs, or the next masks need these tokens
             pending, self._pending = self._pending, []
             for tokens, finished, owners in pending:
                 self._collect(tokens, finished, owners)
+
+    def _constrained(self) -> dict[int, Request]:
+        """Slot -> request for the requests with a constraint that are prefilling or running."""
+        found = {s: r for s, r in self._running.items() if r.constraint is not None}
+        found.update((job.slot, job.request) for job in self._prefilling if job.request.constraint is not None)
+        return found
+
+    def _update_masks(self) -> None:
+        """Sets each slot's bitmask (its constrained request's mask, else all tokens) on the
+        device, if any changed since last set."""
+        constrained = self._constrained()
+        if not constrained and self._masks_clear:
+            return
+        masks = all_allowed(self.max_slots, self.config.vocab_size)
+        for slot, request in constrained.items():
+            mask = request.constraint.mask()
+            if mask is not None:
+                mask = np.asarray(mask).view(np.uint32)[: masks.shape[1]]
+                masks[slot] = 0
+                masks[slot, : len(mask)] = mask
+        if not np.array_equal(masks, self._masks):
+            self._slots = mask_step(self._slots, jnp.asarray(masks))
+            self._masks = masks
+            self._masks_clear = bool((masks == 0xFFFFFFFF).all())
 
     def _admit(self) -> None:
         while self._waiting and self._free:
@@ -451,6 +529,8 @@ class Engine:
             token = int(tokens[slot])
             request.token_ids.append(token)
             self._stats["decoded_tokens"] += 1
+            if request.constraint is not None and not finished[slot]:
+                request.constraint.accept(token)
             if request.media is None:  # the cache holds the prompt and every fed token
                 self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
             if finished[slot]:
@@ -487,7 +567,9 @@ class Engine:
         whose donated state cannot be used again)."""
         for request in [*self._waiting, *(job.request for job in self._prefilling), *self._running.values()]:
             request.done, request.finish_reason = True, "cancelled"
-        self._slots = SlotState.create(self._empty_cache())
+        self._slots = SlotState.create(self._empty_cache(), self.config.vocab_size)
+        self._masks = all_allowed(self.max_slots, self.config.vocab_size)
+        self._masks_clear = True
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()

@@ -6,10 +6,21 @@ import argparse
 import os
 import sys
 
-from kimi_jax.cli import agent, chat, convert, demo, generate, info, plan, train, verify
+from kimi_jax.cli import (
+    agent,
+    chat,
+    convert,
+    demo,
+    generate,
+    info,
+    plan,
+    serve,
+    train,
+    verify,
+)
 from kimi_jax.cli.common import error_message
 
-COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train)
+COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,9 @@ target array names the source tensors that fill it and the transform between the
 - ``linear``: a PyTorch ``[out, in...]`` weight flattened to [out, in], transposed to
   ``[in..., out...]`` and reshaped to the target's per-head shape;
 - ``stack``: the routed experts' ``linear`` tensors stacked over a leading expert axis;
-- ``int4``: the routed experts' INT4 tensors stacked as they are (``q`` int4
-  ``[E, out, in]`` and bfloat16 ``scales`` ``[E, out, in / 32]``, see ``kimi_jax.model.moe``).
+- ``int4``: the routed experts' INT4 tensors stacked as they are (``q``, the checkpoint's
+  words as uint32 ``[E, out, in / 8]``, and bfloat16 ``scales`` ``[E, out, in / 32]``, see
+  ``kimi_jax.model.moe``).
 
 A linear weight ``X.weight`` may be stored three ways, told apart by the tensors present:
 plain float; compressed-tensors ``pack-quantized`` INT4 (``X.weight_packed``,
@@ -71,9 +72,10 @@ from kimi_jax.quant.formats import (
     to_device_format,
 )
 
-FORMAT_VERSION = 2
-"""Version of the written layout. 2: vision weights in MoonViT's layout (1 carried them as in
-the source); text-only checkpoints are the same in both."""
+FORMAT_VERSION = 3
+"""Version of the written layout. 3: INT4 experts' values as uint32 words (2 held them as
+int4; :func:`kimi_jax.load` re-lays those). 2: vision weights in MoonViT's layout (1 carried
+them as in the source); text-only checkpoints are the same in 1 and 2."""
 SIDE_FILES = (
     "tiktoken.model",
     "tokenizer_config.json",
@@ -240,7 +242,7 @@ class Target:
     """
 
     path: tuple  # path in the parameter tree, e.g. ("language_model", "layers", 3, "mlp", "gate", "weight")
-    shape: tuple[int, ...]  # for "int4": the shape of q
+    shape: tuple[int, ...]  # for "int4": the shape of q, uint32 words [E, out, in / 8]
     dtype: jnp.dtype
     transform: str  # "copy" | "linear" | "stack" | "int4"
     sources: tuple[str, ...]
@@ -254,7 +256,7 @@ class Target:
         if self.transform == "copy":
             return self.shape
         if self.transform == "int4":
-            return self.shape[1:]
+            return (self.shape[1], self.shape[2] * 8)
         dims = self.shape[1:] if self.transform == "stack" else self.shape
         return (math.prod(dims[self.n_in :]), math.prod(dims[: self.n_in]))
 
@@ -272,7 +274,7 @@ class Target:
                 out[e] = source.matrix(name, quant).T.astype(dtype).reshape(self.shape[1:])
             return out
         q = np.empty(self.shape, dtype)
-        scales = np.empty((*self.shape[:-1], self.shape[-1] // INT4_GROUP_SIZE), ml_dtypes.bfloat16)
+        scales = np.empty((*self.shape[:-1], self.shape[-1] * 8 // INT4_GROUP_SIZE), ml_dtypes.bfloat16)
         for e, name in enumerate(self.sources):
             packed, scale, shape = (source.read(p) for p in source.stored(name)[1])
             q[e], scales[e] = to_device_format(packed, scale, shape, INT4_GROUP_SIZE, name=name.removesuffix(".weight"))
@@ -280,10 +282,10 @@ class Target:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the device (int4 two per byte)."""
+        """Bytes on the device (int4: the words and the bfloat16 scales)."""
         n = math.prod(self.shape)
         if self.transform == "int4":
-            return n // 2 + n // INT4_GROUP_SIZE * 2
+            return n * 4 + n * 8 // INT4_GROUP_SIZE * 2
         return n * np.dtype(self.dtype).itemsize
 
     @property

@@ -18,6 +18,7 @@ from kimi_jax.config.model import KimiConfig
 from kimi_jax.model.kimi import Kimi
 from kimi_jax.parallel.layout import Layout
 from kimi_jax.parallel.placement import Parallel
+from kimi_jax.quant.formats import pack_words
 
 READ_CONCURRENT_BYTES = 1 << 30
 """At most this many bytes are being read from the checkpoint at once (bounds host memory)."""
@@ -52,9 +53,9 @@ def checkpoint_info(path: str | Path) -> dict:
 
 def _check_format(path: Path, info: dict) -> None:
     """Raises ``ValueError`` for a checkpoint layout :func:`load` cannot read (text-only
-    checkpoints of format 1 are the same as format 2's)."""
+    checkpoints of format 1 are the same as format 2's; format 2's int4 experts are re-laid)."""
     version = info.get("format_version")
-    if version != FORMAT_VERSION and not (version == 1 and not info.get("multimodal")):
+    if version not in (2, FORMAT_VERSION) and not (version == 1 and not info.get("multimodal")):
         raise ValueError(
             f"{path} was converted to checkpoint format {version}, this kimi-jax reads format "
             f"{FORMAT_VERSION}" + (" (vision weights in MoonViT's layout)" if version == 1 else "")
@@ -118,6 +119,8 @@ def load(
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.to_pure_dict(), shardings
     )
+    if expert_format == "int4" and info["format_version"] < 3:  # INT4 values stored as jnp.int4
+        target = jax.tree.map(_as_int4, target)
     options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
     memory = ocp.options.MemoryOptions(read_concurrent_bytes=READ_CONCURRENT_BYTES)
     error = None
@@ -130,5 +133,20 @@ def load(
             raise
     if error is not None:
         raise error
+    restored = jax.tree.map(_as_words, restored, shardings)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def _as_int4(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """An INT4 words target as the int4 array of a format-2 checkpoint (8 values per word)."""
+    if leaf.dtype != jnp.uint32:
+        return leaf
+    return jax.ShapeDtypeStruct((*leaf.shape[:-1], leaf.shape[-1] * 8), jnp.int4, sharding=leaf.sharding)
+
+
+def _as_words(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Re-lays a restored int4 array as the device's words, in place (donated), same sharding."""
+    if x.dtype != jnp.int4:
+        return x
+    return jax.jit(pack_words, out_shardings=sharding, donate_argnums=0)(x)

@@ -14,7 +14,8 @@ The routed experts have two implementations sharing one router:
 The experts' storage format (``EXPERT_FORMATS``):
 - ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
 - ``int4``: :class:`Int4Experts`, the official checkpoint's symmetric INT4 kept on the
-  device: per projection ``q`` int4 ``[E, out, in]`` and bfloat16 ``scales``
+  device: per projection ``q``, the checkpoint's words (uint32 ``[E, out, in / 8]``, eight
+  4-bit values each, see ``kimi_jax.quant.formats``), and bfloat16 ``scales``
   ``[E, out, in / 32]`` (W = q * scale), 4.5 bits per weight. Weights are dequantized to
   the activations' dtype only where they are used: the reference path dequantizes each
   token's gathered experts; the XLA grouped path dequantizes one projection of the experts
@@ -110,8 +111,9 @@ class Experts(nnx.Module):
 
 
 class Int4Weight(nnx.Module):
-    """One projection of every expert in INT4: ``q`` int4 ``[E, out, in]``, ``scales`` bf16
-    ``[E, out, in / 32]``; W = q * scale (the checkpoint's orientation, PyTorch ``[out, in]``).
+    """One projection of every expert in INT4: ``q`` uint32 words ``[E, out, in / 8]``, ``scales``
+    bf16 ``[E, out, in / 32]``; W = q * scale (the checkpoint's orientation, PyTorch ``[out, in]``).
+    The words' axis carries the input axis' name (it splits like it: 8 inputs per word).
 
     Random init: q uniform on [-8, 7] and one scale, so W has standard deviation ``std``.
     """
@@ -120,8 +122,7 @@ class Int4Weight(nnx.Module):
                  rngs: nnx.Rngs, std: float = 0.02):
         if d_in % INT4_GROUP_SIZE:
             raise ValueError(f"int4 experts: in-features {d_in} is not a multiple of {INT4_GROUP_SIZE}")
-        shape = (n_experts, d_out, d_in)
-        q = jax.random.randint(rngs.params(), shape, -8, 8, jnp.int8).astype(jnp.int4)
+        q = jax.random.bits(rngs.params(), (n_experts, d_out, d_in // 8), jnp.uint32)  # 8 uniform int4 values a word
         q_std = math.sqrt((16**2 - 1) / 12)  # of the uniform distribution on [-8, 7]
         self.q = Quantized(q, axes=axes)
         # One scale per group of 32 inputs: the input axis becomes "<name>_groups".

@@ -11,19 +11,20 @@ Host side (numpy, for the converter):
   ``[out, in/group]``; ``weight_shape`` = (out, in); W = q * scale.
 * ``dequantize_fp8_block`` / ``validate_fp8_block`` handle the FP8 form.
 
-Device side (JAX): experts stay 4-bit as ``jnp.int4`` arrays ``[..., out, in]`` with the
-checkpoint's scales ``[..., out, in/group]``. ``to_device_format`` converts a checkpoint
-tensor, ``dequantize`` rebuilds W under jit/vmap, ``int4_matmul`` / ``int4_ragged_dot``
-multiply by it. Why ``jnp.int4`` rather than the int32 words or a uint8 array of two
-nibbles: XLA keeps int4 packed two per byte on the GPU (0.5 byte per value, as compact as
-the checkpoint), Orbax saves and restores int4 arrays packed, the logical shape stays
-[out, in] (it slices and shards like the float weight), and unpacking is one convert
-instead of shifts, masks and an interleave. Measured on an H200 (jax 0.11.2; 16 experts of
-[2048, 7168], bf16 activations, 1 / 128 / 1024 rows per expert), dequantize-then-matmul:
+Device side (JAX): experts stay 4-bit as the checkpoint's own words, ``uint32``
+``[..., out, in/8]`` (the int32 ``weight_packed`` reinterpreted, so conversion is a
+reinterpretation, not an unpack), with the checkpoint's scales ``[..., out, in/group]``.
+``to_device_format`` converts a checkpoint tensor, ``dequantize`` rebuilds W under jit/vmap
+(it also accepts ``jnp.int4`` ``[..., out, in]``, the format of checkpoints converted
+before), ``int4_matmul`` / ``int4_ragged_dot`` multiply by it. Why the words: the fused
+kernel (``kimi_jax.kernels.int4_grouped``) addresses them in 4-byte units, so a K2.5 expert
+stack of 2.8 GB stays within 32-bit element offsets (as int4 bytes it does not), and XLA's
+dequantize-then-matmul runs as fast on them as on ``jnp.int4``. Measured on an H200 (jax
+0.11.2; 16 experts of [2048, 7168], bf16 activations, 1 / 128 / 1024 rows per expert):
 int4 0.40 / 0.42 / 0.92 ms, int32 words 0.40 / 0.42 / 0.92 ms, uint8 nibbles 0.68 / 0.70 /
 1.19 ms, against 0.11 / 0.14 / 0.64 ms for bf16 weights. In all three the per-group scale
-multiply makes XLA write the bf16 W out before the GEMM; a bare int4 -> bf16 convert is
-fused into the GEMM (0.09 ms for 1 row), so a fused kernel is the way to faster decoding.
+multiply makes XLA write the bf16 W out before the GEMM, so a fused kernel is the way to
+faster decoding.
 """
 
 from __future__ import annotations
@@ -245,27 +246,58 @@ def dequantize_int4(
 def to_device_format(
     packed: np.ndarray, scale: np.ndarray, shape: Any, group_size: int = 32, *, name: str = "weight"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Checkpoint INT4 tensors -> (q ``[out, in]`` as ``ml_dtypes.int4``, the scales unchanged).
+    """Checkpoint INT4 tensors -> (the words as ``uint32`` ``[out, in/8]``, the scales unchanged).
 
-    Host numpy holds int4 one value per byte; ``jax.device_put`` (and Orbax) pack it two
-    per byte. Stack experts along a new leading axis for ``dequantize`` / ``int4_matmul``.
+    The words are the checkpoint's, reinterpreted (no copy). Stack experts along a new
+    leading axis for ``dequantize`` / ``int4_ragged_dot`` and the fused kernel.
     """
     packed, scale = np.asarray(packed), np.asarray(scale)
-    out, inp = _check_int4(name, packed, scale, shape, group_size)
-    return unpack_int4(packed, (out, inp)).astype(ml_dtypes.int4), scale
+    _check_int4(name, packed, scale, shape, group_size)
+    return packed.view(np.uint32), scale
 
 
 # ---------------------------------------------------------------------------- INT4 (device)
 
 
+def unpack_words(words: jax.Array) -> jax.Array:
+    """Device words ``uint32 [..., in/8]`` -> ``jnp.int4 [..., in]`` (input 8k + j is nibble j of
+    word k, stored as q + 8)."""
+    if words.dtype != jnp.uint32:
+        raise ValueError(f"unpack_words: expected uint32 words, got {words.dtype}")
+    nibbles = (words[..., None] >> jnp.asarray(_NIBBLE_SHIFTS)) & 0xF
+    q = nibbles.astype(jnp.int8) - 8
+    return q.reshape(*words.shape[:-1], words.shape[-1] * 8).astype(jnp.int4)
+
+
+def pack_words(q: jax.Array) -> jax.Array:
+    """``jnp.int4 [..., in]`` -> device words ``uint32 [..., in/8]`` (inverse of ``unpack_words``);
+    re-lays experts of checkpoints converted in the int4 format."""
+    if q.dtype != jnp.int4:
+        raise ValueError(f"pack_words: expected int4 values, got {q.dtype}")
+    if q.shape[-1] % 8:
+        raise ValueError(f"pack_words: in-features {q.shape[-1]} must be a multiple of 8")
+    words = jnp.zeros((*q.shape[:-1], q.shape[-1] // 8), jnp.uint32)
+    for j in range(8):  # strided slices, one elementwise fusion: no [..., in/8, 8] intermediate
+        words = words | ((q[..., j::8].astype(jnp.int32) + 8).astype(jnp.uint32) << (4 * j))
+    return words
+
+
+def in_features(q: jax.Array | jax.ShapeDtypeStruct) -> int:
+    """Input features of INT4 ``q``: words hold 8 per element, ``jnp.int4`` one."""
+    return q.shape[-1] * (8 if q.dtype == jnp.uint32 else 1)
+
+
 def dequantize(q: jax.Array, scales: jax.Array, group_size: int = 32, dtype: Any = jnp.bfloat16) -> jax.Array:
-    """W = q * scale in ``dtype``: q int4 ``[..., out, in]``, scales ``[..., out, in/group]``.
+    """W = q * scale in ``dtype`` ``[..., out, in]``: q words ``uint32 [..., out, in/8]`` (or
+    ``jnp.int4 [..., out, in]``), scales ``[..., out, in/group]``.
 
     Each element is q * scale rounded once to ``dtype``: with bf16 scales, float32 is exact
     and bf16 matches compressed-tensors' own bf16 decompression. Works under jit and vmap.
     """
-    if q.dtype != jnp.int4:
-        raise ValueError(f"dequantize: q must be int4, got {q.dtype}")
+    if q.dtype == jnp.uint32:
+        q = unpack_words(q)
+    elif q.dtype != jnp.int4:
+        raise ValueError(f"dequantize: q must be uint32 words or int4, got {q.dtype}")
     *lead, out, inp = q.shape
     if inp % group_size or scales.shape != (*lead, out, inp // group_size):
         raise ValueError(

@@ -2,6 +2,7 @@
 paths, the footprint (4.5 bits per expert weight) and ``kimi-jax info``."""
 
 import json
+import shutil
 
 import jax
 import jax.extend
@@ -57,9 +58,9 @@ def test_int4_checkpoint_holds_int4(golden, int4_model):
     assert json.loads((work / "dense" / "kimi_jax.json").read_text())["expert_format"] == "dense"
     experts = int4_model.language_model.layers[1].mlp.experts
     assert isinstance(experts, Int4Experts)
-    assert experts.gate_proj.q.shape == (8, 32, 64) and experts.gate_proj.q.dtype == jnp.int4
+    assert experts.gate_proj.q.shape == (8, 32, 8) and experts.gate_proj.q.dtype == jnp.uint32  # 8 values a word
     assert experts.gate_proj.scales.shape == (8, 32, 2) and experts.gate_proj.scales.dtype == jnp.bfloat16
-    assert experts.down_proj.q.shape == (8, 64, 32) and experts.down_proj.scales.shape == (8, 64, 1)
+    assert experts.down_proj.q.shape == (8, 64, 4) and experts.down_proj.scales.shape == (8, 64, 1)
     # the same weights as the dequantized conversion's [E, in, out]
     dense = kimi_jax.load(work / "dense").language_model.layers[1].mlp.experts
     w = experts.gate_proj.gathered(jnp.arange(8), jnp.float32)
@@ -123,7 +124,6 @@ def test_four_and_a_half_bits_per_expert_parameter(golden):
     sizes, counts = device_bytes(k25, jnp.bfloat16, "int4"), parameter_counts(k25)
     assert 8 * sizes["routed_experts"] / counts["routed_experts"] == 4.5
     assert sizes["attention"] == 2 * counts["attention"]
-    # XLA holds the restored int4 arrays two values per byte (numpy-style nbytes counts one)
     model = kimi_jax.load(work / "int4")
     state = [nnx.state(layer.mlp.experts) for layer in model.language_model.layers[1:]]
     stats = jax.jit(lambda s: s).lower(state).compile().memory_analysis()
@@ -139,3 +139,27 @@ def test_info_shows_the_int4_footprint(golden, capsys):
     assert "55.30 KB" in out  # 98,304 expert weights x 4.5 bits
     assert main(["info", str(work / "dense")]) == 0
     assert "32.00 bits per parameter" in capsys.readouterr().out
+
+
+def test_format_2_checkpoints_are_re_laid_at_load(golden, int4_model, tmp_path):
+    """Checkpoints converted before the words layout hold int4 values: load packs them."""
+    from orbax.checkpoint import v1 as ocp
+
+    from kimi_jax.checkpoint.convert import INFO_FILE, PARAMS_DIR
+    from kimi_jax.quant.formats import unpack_words
+
+    work, inputs, expected = golden
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", INFO_FILE):
+        shutil.copy2(work / "int4" / name, old / name)
+    info = json.loads((old / INFO_FILE).read_text())
+    (old / INFO_FILE).write_text(json.dumps({**info, "format_version": 2}))
+    tree = nnx.state(int4_model).to_pure_dict()
+    tree = jax.tree.map(lambda x: unpack_words(x) if x.dtype == jnp.uint32 else x, tree)
+    ocp.save_pytree(old / PARAMS_DIR, tree)
+    model = kimi_jax.load(old)
+    q = model.language_model.layers[1].mlp.experts.gate_proj.q
+    assert q.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(int4_model.language_model.layers[1].mlp.experts.gate_proj.q))
+    assert rel(model(inputs["input_ids"]), expected["logits"]) < 1e-5

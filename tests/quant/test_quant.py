@@ -261,7 +261,7 @@ def test_to_device_format_and_jax_dequantize_match_numpy():
     dev = [Q.to_device_format(p, s, (48, 128)) for p, s, _ in experts]
     q = jnp.asarray(np.stack([d[0] for d in dev]))
     scales = jnp.asarray(np.stack([d[1] for d in dev]))
-    assert q.dtype == jnp.int4 and q.shape == (3, 48, 128) and scales.dtype == jnp.bfloat16
+    assert q.dtype == jnp.uint32 and q.shape == (3, 48, 16) and scales.dtype == jnp.bfloat16
     ref = np.stack([Q.dequantize_int4(p, s, (48, 128)) for p, s, _ in experts])
     jitted = jax.jit(Q.dequantize, static_argnums=(2, 3))
     np.testing.assert_array_equal(np.asarray(jitted(q, scales, 32, jnp.float32)), ref)
@@ -270,11 +270,16 @@ def test_to_device_format_and_jax_dequantize_match_numpy():
     bf16 = Q.dequantize(q, scales)
     assert bf16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(bf16), ref.astype(ml_dtypes.bfloat16))
+    # the int4 arrays of format-2 checkpoints dequantize the same, and re-lay to the same words
+    as_int4 = jnp.asarray(np.stack([q8 for _, _, q8 in experts]), jnp.int4)
+    np.testing.assert_array_equal(np.asarray(Q.dequantize(as_int4, scales, 32, jnp.float32)), ref)
+    np.testing.assert_array_equal(np.asarray(Q.pack_words(as_int4)), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(Q.unpack_words(q)).astype(np.int8), np.stack([q8 for _, _, q8 in experts]))
 
 
 def test_dequantize_rejects_bad_operands():
-    q = jnp.zeros((4, 64), jnp.int4)
-    with pytest.raises(ValueError, match="int4"):
+    q = jnp.zeros((4, 8), jnp.uint32)
+    with pytest.raises(ValueError, match="uint32 words or int4"):
         Q.dequantize(jnp.zeros((4, 64), jnp.int8), jnp.ones((4, 2)))
     with pytest.raises(ValueError, match="scales shape"):
         Q.dequantize(q, jnp.ones((4, 3)))
@@ -321,17 +326,17 @@ def test_int4_ragged_dot():
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_int4_arrays_round_trip_through_orbax(tmp_path):
+def test_device_words_round_trip_through_orbax(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     packed, scale, qi8 = random_int4(np.random.default_rng(8), 16, 64)
     q, s = (jnp.asarray(a) for a in Q.to_device_format(packed, scale, (16, 64)))
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "int4", {"q": q, "scales": s})
     ckpt.wait_until_finished()
-    target = {"q": jax.ShapeDtypeStruct(q.shape, jnp.int4), "scales": jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)}
+    target = {"q": jax.ShapeDtypeStruct(q.shape, jnp.uint32), "scales": jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)}
     restored = ckpt.restore(tmp_path / "int4", target)
-    assert restored["q"].dtype == jnp.int4
-    np.testing.assert_array_equal(np.asarray(restored["q"]).astype(np.int8), qi8)
+    assert restored["q"].dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(Q.unpack_words(restored["q"])).astype(np.int8), qi8)
     w = Q.dequantize(restored["q"], restored["scales"], 32, jnp.float32)
     np.testing.assert_array_equal(np.asarray(w), Q.dequantize_int4(packed, scale, (16, 64)))
 

@@ -11,13 +11,12 @@ every shape. Writes one JSON line per measurement to ``--out``.
 
     python benchmarks/int4_grouped_kernel.py [--sweep] [--out results.jsonl]
 
-The kernel module is loaded by file path (it imports only jax and numpy).
+Run from the repository root with ``PYTHONPATH=.`` or the package installed.
 """
 
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import statistics
 import sys
@@ -30,30 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kimi_jax.kernels import int4_grouped as ig
+from kimi_jax.quant.formats import int4_ragged_dot
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_by_path(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ig = load_by_path("int4_grouped", "kimi_jax/kernels/int4_grouped.py")
-
-
-def reference_impl():
-    """The project's ``int4_ragged_dot`` (loaded by path), else the kernel module's reference."""
-    for rel in ("kimi_jax/quant/formats.py", "kimi_jax/quant.py"):
-        if (ROOT / rel).exists():
-            try:
-                return load_by_path("quant_formats", rel).int4_ragged_dot, "int4_ragged_dot"
-            except Exception as exc:  # noqa: BLE001 - fall back, but say so
-                print(f"could not load {rel}: {exc!r}")
-    return ig.reference, "reference"
-
 
 E, TOP_K = 384, 8
 PROJ = {"gate_up": (2048, 7168), "down": (7168, 2048)}  # (out, in)
@@ -100,20 +79,24 @@ def max_rel(y, ref):
 
 def make_weights(out, inp, seed):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    q = jax.random.randint(k1, (E, out, inp), -8, 8, jnp.int8).astype(jnp.int4)
+    q = jax.random.bits(k1, (E, out, inp // 8), jnp.uint32)  # words of uniform int4 values
     s = jax.random.uniform(k2, (E, out, inp // 32), jnp.float32, 0.002, 0.02).astype(jnp.bfloat16)
     return jax.block_until_ready(q), jax.block_until_ready(s)
 
 
 def sweep_configs(m):
     if m <= 2048:
-        for bn, bk, st in ((32, 256, 4), (64, 256, 4), (64, 256, 3), (128, 256, 3), (64, 512, 3), (32, 512, 4),
-                           (128, 128, 4), (64, 128, 6)):
+        for bn, bk, st in ((32, 256, 4), (64, 256, 4), (64, 128, 6), (128, 256, 3), (64, 512, 3)):
             yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=4, num_stages=st)
+        for bn, bk, w, st in ((64, 256, 4, 4), (32, 256, 4, 4), (128, 256, 4, 3), (64, 512, 4, 3), (128, 512, 8, 3),
+                              (64, 1024, 4, 2), (256, 256, 8, 3)):
+            yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True)
     else:
-        for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-                                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3)):
+        for bm, bn, bk, w, st in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)):
             yield ig.Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (64, 128, 256, 4, 3),
+                                  (128, 256, 128, 8, 3)):
+            yield ig.Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True)
 
 
 def main():
@@ -121,7 +104,6 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--prefill", type=int, default=32768, help="prefill token copies (0: skip)")
     p.add_argument("--sweep", action="store_true", help="try tile configs at 64 and prefill copies first")
-    p.add_argument("--layouts", nargs="+", default=["int4", "words"])
     p.add_argument("--reference-max", type=int, default=2048, help="largest M for the reference path")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/int4_grouped_kernel.jsonl"))
     p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -134,7 +116,7 @@ def main():
     dev = jax.devices()[0]
     gpu = dev.device_kind
     date = datetime.date.today().isoformat()
-    ref_fn, ref_name = reference_impl()
+    ref_fn, ref_name = int4_ragged_dot, "int4_ragged_dot"
     print(f"{gpu}, jax {jax.__version__}; {E} experts, top {TOP_K}; reference: {ref_name}", flush=True)
     t_start = time.perf_counter()
     bw = copy_bandwidth()
@@ -154,14 +136,10 @@ def main():
     best = {}
     for proj, (n_out, n_in) in PROJ.items():
         q, s = make_weights(n_out, n_in, seed=1 if proj == "down" else 0)
-        layouts = {"int4": q}
-        if "words" in args.layouts:
-            layouts["words"] = jax.block_until_ready(ig.to_kernel_layout(q, s)[0])
-        layouts = {k: v for k, v in layouts.items() if k in args.layouts}
-
+        layouts = {"words": q}
         if args.sweep:
             for m, tokens in shapes:
-                if m not in (64, args.prefill):
+                if m not in (8, 512, args.prefill):
                     continue
                 gs = jnp.asarray(routing(tokens, seed=100))
                 x = jax.random.normal(jax.random.key(m), (m, n_in), jnp.bfloat16)
@@ -182,10 +160,10 @@ def main():
                             continue
                         results.append((sec, cfg))
                         print(f"  sweep {proj} m={m} {lname} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
-                              f"w={cfg.num_warps} st={cfg.num_stages}: {sec * 1e3:.3f} ms", flush=True)
+                              f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes}: {sec * 1e3:.3f} ms", flush=True)
                     if results:
                         sec, cfg = min(results, key=lambda r: r[0])
-                        best[(proj, m > 2048, lname)] = cfg
+                        best[(proj, m, lname)] = cfg
                         print(f"best {proj} m={m} {lname}: {cfg} {sec * 1e3:.3f} ms "
                               f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
 
@@ -204,7 +182,8 @@ def main():
             else:  # stock ragged_dot runs out of memory here: check three experts directly
                 pass
             for lname, qk in layouts.items():
-                cfg = best.get((proj, m > 2048, lname))
+                swept = 8 if m <= 64 else (512 if m <= 2048 else args.prefill)
+                cfg = best.get((proj, swept, lname))
                 cfg = ig.fit_config(cfg, n_out, n_in) if cfg else ig.default_config(m, E, n_out, n_in)
 
                 def mm(x, q_, s_, g, cfg=cfg):
@@ -222,7 +201,7 @@ def main():
                     errs = []
                     for e in np.flatnonzero(gss[0])[:3]:
                         a, b = ends[e] - gss[0][e], ends[e]
-                        w = ig.reference(xs[0][a:b], q[e:e + 1], s[e:e + 1], jnp.asarray([b - a], jnp.int32))
+                        w = int4_ragged_dot(xs[0][a:b], q[e:e + 1], s[e:e + 1], jnp.asarray([b - a], jnp.int32))
                         errs.append(max_rel(y[a:b], w))
                     err = max(errs)
                 sec = looped(mm, xs, gss_j, qk, s, iters) if m <= 2048 else floors.median_seconds(jax.jit(mm), xs[0], qk, s,

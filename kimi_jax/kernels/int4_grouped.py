@@ -8,41 +8,40 @@ of W is ever written. Row tiles are scheduled per expert from ``group_sizes`` (a
 spans two experts), so an expert with no rows costs nothing and its weights are never read:
 one launch per projection serves decode (a few rows over a few experts) and prefill alike.
 
-Contract (the project's device format, see ``dequantize`` / ``int4_ragged_dot`` in the
-quantization package):
+Contract (the project's device format, see ``kimi_jax.quant.formats``):
 
 * ``x`` ``[M, in]`` (bf16 or float32), rows grouped contiguously by expert;
-* ``q`` ``[E, out, in]`` ``jnp.int4``, or the same values in the kernel's packed layout
-  ``[E, out, in/8]`` ``uint32`` (``to_kernel_layout``; see "Layouts");
+* ``q`` ``[E, out, in/8]`` ``uint32`` words: input ``8k + j`` of a row is nibble ``j`` of word
+  ``k``, stored as ``q + 8`` (the checkpoints' compressed-tensors ``pack-quantized`` words);
 * ``scales`` ``[E, out, in/32]`` (bf16 in checkpoints);
 * ``group_sizes`` ``[E]`` int32 with ``sum <= M``.
 
 Returns ``[M, out]`` in x's dtype with float32 accumulation. Rows past ``sum(group_sizes)``
 are zeros (as ``jax.lax.ragged_dot``). W is rounded to x's dtype once (q * scale, as the
-reference), so the result equals ``reference`` up to the order of float32 accumulation.
+reference), so the result equals the reference path up to the order of float32 accumulation.
 
 Design. The grid is (out tiles, row tiles). Each program derives its row tile (its
 expert, first row and end row) from ``group_sizes`` itself (``_tile``: a few scans and
 reductions, so a call is one launch with no schedule kernel before it); ``tile_schedule``
-states the same schedule in plain JAX, for the tests. The number of row tiles is bounded statically by ``M // block_m + min(E, M) + 1``;
+states the same schedule in plain JAX, for the tests. The number of row tiles is bounded
+statically by ``M // block_m + min(E, M) + 1``;
 tiles past the real count exit at once, and the tiles that cover rows past
 ``sum(group_sizes)`` write zeros. Each program loops over ``in`` in blocks of ``block_k``:
-it loads the row tile of x, the packed int4 block ``[block_n, block_k]`` and its scales
+it loads the row tile of x, the words of the block ``[block_n, block_k]`` and its scales
 ``[block_n, block_k / 32]``, dequantizes in registers and accumulates ``W @ x.T`` into a
 float32 ``[block_n, block_m]`` tile (the weight is the left operand: with few rows the
 expert's output dimension fills the matrix unit's M side). The out-tile axis is the fastest
 one of the grid, so the programs that share a row tile of x run together and reuse it from
 L2, and for prefill the few row tiles of one expert read its weights close in time.
 
-Layouts. ``q`` as ``jnp.int4`` (the device format, no conversion): the kernel loads it as
-bytes and splits the nibbles (Pallas' own int4 load), then converts int4 -> x's dtype.
-``to_kernel_layout`` packs the same values as ``uint32`` words ``[E, out, in/8]``, value
-``in = 8k + j`` in bits ``4j..4j+3`` of word ``k`` as ``q + 8`` (the compressed-tensors
-``pack-quantized`` layout of the checkpoints, so a converter can keep the checkpoint's
-words); the kernel then builds each bf16 value with integer ops (``0x4300 | (q + 8)`` is
-the bf16 number ``136 + q``) instead of an int -> float conversion. Scales keep their layout.
+Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
+the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
+``jnp.int4``: the Triton lowering computes element offsets in 32 bits, and a K2.5 expert
+stack holds 2.8e9 int4 bytes (past 2^31) but 7e8 words. Every operand's element count is
+checked against that limit.
 
-Everything here imports only jax and numpy, so the file can be loaded by path.
+The reference path is ``kimi_jax.quant.formats.int4_ragged_dot`` (dequantize in HBM, then
+``jax.lax.ragged_dot``).
 """
 
 import dataclasses
@@ -62,58 +61,6 @@ except ImportError:  # pragma: no cover
 
 GROUP = 32  # inputs per scale (K2.5's INT4 format)
 _MAGIC = 0x4300  # bf16 bits of 128.0: 0x4300 | v (v < 128) is the bf16 number 128 + v
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-def to_kernel_layout(q: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Device format -> the kernel's packed layout: (uint32 ``[E, out, in/8]``, scales unchanged).
-
-    Word ``k`` of a row holds inputs ``8k .. 8k+7``, input ``8k + j`` as ``q + 8`` in bits
-    ``4j .. 4j+3`` (compressed-tensors ``pack-quantized``). Run it once (at load), not per call.
-    """
-    if q.dtype != jnp.int4:
-        raise ValueError(f"to_kernel_layout: q must be int4, got {q.dtype}")
-    *lead, inp = q.shape
-    if inp % 8:
-        raise ValueError(f"to_kernel_layout: in-features {inp} must be a multiple of 8")
-    nib = (q.astype(jnp.int32) + 8).astype(jnp.uint32).reshape(*lead, inp // 8, 8)
-    shifts = jnp.arange(0, 32, 4, dtype=jnp.uint32)
-    words = jnp.sum(nib << shifts, axis=-1, dtype=jnp.uint32)  # disjoint bits: sum == or
-    return words, scales
-
-
-def from_kernel_layout(words: jax.Array) -> jax.Array:
-    """The packed uint32 words ``[..., in/8]`` -> int4 ``[..., in]`` (inverse of ``to_kernel_layout``)."""
-    shifts = jnp.arange(0, 32, 4, dtype=jnp.uint32)
-    nib = (words[..., None] >> shifts) & 0xF
-    q = nib.astype(jnp.int32) - 8
-    return q.reshape(*words.shape[:-1], words.shape[-1] * 8).astype(jnp.int4)
-
-
-def _unpacked(q: jax.Array) -> jax.Array:
-    return q if q.dtype == jnp.int4 else from_kernel_layout(q)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def reference(x: jax.Array, q: jax.Array, scales: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Pure-JAX reference: dequantize every expert in HBM, then ``jax.lax.ragged_dot``.
-
-    W = q * scale rounded once to x's dtype; float32 accumulation; result in x's dtype.
-    Accepts q in either layout.
-    """
-    q = _unpacked(q)
-    e, out, inp = q.shape
-    w = q.astype(x.dtype).reshape(e, out, inp // GROUP, GROUP) * scales.astype(x.dtype)[..., None]
-    w = w.reshape(e, out, inp)
-    dims = lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
-    )
-    y = lax.ragged_dot_general(x, w, group_sizes, dims, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -176,6 +123,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     swap: bool = True  # accumulate W @ x.T ([block_n, block_m]) instead of x @ W.T
+    planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -208,20 +156,6 @@ def fit_config(cfg: Config, n: int, k: int) -> Config:
     )
 
 
-def _dequant_int4(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
-    """int4 ``[bn, groups, 32]`` (Pallas' int4 load: bytes, nibbles split) -> ``[bn, groups * 32]``.
-
-    The two's-complement nibble n of q gives ``n ^ 8 = q + 8``; ``0x4300 | (q + 8)`` read as
-    bf16 is ``136 + q`` exactly (integer ops instead of a slow int -> float conversion), and
-    W = (that - 136) * scale rounds once, as the reference.
-    """
-    q = q_ref[e, pl.ds(n0, bn), pl.ds(g0, groups), :]
-    s = s_ref[e, pl.ds(n0, bn), pl.ds(g0, groups)].astype(dtype)[:, :, None]
-    bits = (q.astype(jnp.uint16) & jnp.uint16(0xF)) ^ jnp.uint16(_MAGIC | 8)
-    v = lax.bitcast_convert_type(bits, jnp.bfloat16).astype(dtype) - jnp.asarray(136, dtype)
-    return (v * s).reshape(bn, groups * GROUP)
-
-
 def _dequant_words(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
     """uint32 words ``[bn, groups, 4]`` -> ``[bn, groups * 32]`` in dtype, by integer bit tricks.
 
@@ -248,6 +182,35 @@ def _dequant_words(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
     r = [jnp.stack([p[j0], p[2 + j0]], axis=-1) for j0 in range(2)]  # [.., 4, j2, j1]
     v = jnp.stack([r[0], r[1]], axis=-1)  # [bn, groups, 4, j2, j1, j0]
     return (v.reshape(bn, groups, GROUP) * s).reshape(bn, groups * GROUP)
+
+
+def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precision, swap):
+    """One k-block as 8 dots, one per nibble position, with no re-interleaving of values.
+
+    Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``; plane j (nibble j of every word) is a
+    ``[bn, nw]`` weight tile whose columns are the inputs ``8 c + j``, so it is multiplied by
+    the matching strided columns of x. Every tile stays 2-D: no joins or reshapes of the
+    dequantized values. The scale of word column c is that of its group, ``c // 4``.
+    """
+    words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(dtype)  # [bn, nw / 4]
+    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
+    acc = None
+    for j in range(4):
+        shifted = words >> jnp.uint32(4 * j) if j else words
+        pair = (shifted & jnp.uint32(0x000F000F)) | jnp.uint32(_MAGIC * 0x10001)
+        for jj, bits in ((j, pair.astype(jnp.uint16)), (j + 4, (pair >> jnp.uint32(16)).astype(jnp.uint16))):
+            w = (lax.bitcast_convert_type(bits, jnp.bfloat16).astype(dtype) - jnp.asarray(136, dtype)) * s
+            cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + jj  # inputs 8 c + jj
+            xj = plgpu.load(x_ref.at[rows, cols], mask=xmask, other=0)
+            if swap:
+                d = lax.dot_general(w, xj, (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+            else:
+                d = lax.dot_general(xj, w, (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+            acc = d if acc is None else acc + d
+    return acc
 
 
 def _tile(g_ref, t, *, m: int, e: int, bm: int):
@@ -284,8 +247,7 @@ def _tile(g_ref, t, *, m: int, e: int, bm: int):
     return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
 
 
-def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, packed: bool,
-            precision):
+def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, precision):
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups = bk // GROUP
     j = pl.program_id(0)
@@ -294,16 +256,18 @@ def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n
     n0 = pl.multiple_of(j * bn, bn)
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     dtype = x_ref.dtype
-    dequant = _dequant_words if packed else _dequant_int4
 
     @pl.when(expert >= 0)
     def _():
-        xmask = jnp.broadcast_to(rows < row1, (bm, bk))
+        xmask = jnp.broadcast_to(rows < row1, (bm, bk // 8 if cfg.planes else bk))
 
         def body(kb, acc):
+            if cfg.planes:
+                return acc + _planes(q_ref, s_ref, x_ref, expert, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
+                                     dtype, precision, cfg.swap)
             k0 = pl.multiple_of(kb * bk, bk)
             xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
-            w = dequant(q_ref, s_ref, expert, n0, kb * groups, bn, groups, dtype)
+            w = _dequant_words(q_ref, s_ref, expert, n0, kb * groups, bn, groups, dtype)
             if cfg.swap:
                 d = lax.dot_general(w, xk, (((1,), (1,)), ((), ())), precision=precision,
                                     preferred_element_type=jnp.float32)
@@ -334,40 +298,36 @@ def int4_grouped_matmul(
 ) -> jax.Array:
     """``x [M, in]`` rows grouped by expert, times their expert's dequantized W.T -> ``[M, out]``.
 
-    ``q`` int4 ``[E, out, in]`` or uint32 ``[E, out, in/8]`` (``to_kernel_layout``); ``scales``
-    ``[E, out, in/32]``; ``group_sizes`` int32 ``[E]``, sum <= M (rows past it are zeros).
-    ``interpret=True`` runs the same kernel body through Pallas' interpreter (CPU tests).
+    ``q`` uint32 words ``[E, out, in/8]``; ``scales`` ``[E, out, in/32]``; ``group_sizes``
+    int32 ``[E]``, sum <= M (rows past it are zeros). ``interpret=True`` runs the same kernel
+    body through Pallas' interpreter (CPU tests).
     """
     m, k = x.shape
-    packed = q.dtype != jnp.int4
-    if packed:
-        if q.dtype != jnp.uint32:
-            raise ValueError(f"int4_grouped_matmul: q must be int4 or packed uint32 words, got {q.dtype}")
-        e, n, kw = q.shape
-        if kw * 8 != k:
-            raise ValueError(f"int4_grouped_matmul: packed q {q.shape} does not match x {x.shape}")
-    else:
-        e, n, kq = q.shape
-        if kq != k:
-            raise ValueError(f"int4_grouped_matmul: q {q.shape} does not match x {x.shape}")
+    if q.dtype != jnp.uint32 or q.ndim != 3:
+        raise ValueError(f"int4_grouped_matmul: q must be uint32 words [E, out, in/8], got {q.dtype} {q.shape}")
+    e, n, kw = q.shape
+    if kw * 8 != k:
+        raise ValueError(f"int4_grouped_matmul: q {q.shape} (8 inputs per word) does not match x {x.shape}")
     if k % GROUP or scales.shape != (e, n, k // GROUP):
         raise ValueError(f"int4_grouped_matmul: scales {scales.shape} do not match q {q.shape} (one per {GROUP})")
     if group_sizes.shape != (e,):
         raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
+    for name, size in (("x", x.size), ("q", q.size), ("scales", scales.size), ("the output", m * n)):
+        if size >= 2**31:
+            raise ValueError(f"int4_grouped_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
-    return _call(x, q, scales, group_sizes, cfg=cfg, packed=packed, interpret=interpret)
+    return _call(x, q, scales, group_sizes, cfg=cfg, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "packed", "interpret"))
-def _call(x, q, scales, group_sizes, *, cfg: Config, packed: bool, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _call(x, q, scales, group_sizes, *, cfg: Config, interpret: bool):
     m, k = x.shape
     e, n = q.shape[:2]
     t_max = max_row_tiles(m, e, cfg.block_m)
-    # Views that keep one scale group on its own axis (free reshapes of the minor axis).
-    qv = q.reshape(e, n, k // GROUP, GROUP // 8 if packed else GROUP)
+    # Unless planes: a view that keeps one scale group (4 words) on its own axis (a free reshape).
+    qv = q if cfg.planes else q.reshape(e, n, k // GROUP, GROUP // 8)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, packed=packed,
-                               precision=precision)
+    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -382,8 +342,7 @@ def _call(x, q, scales, group_sizes, *, cfg: Config, packed: bool, interpret: bo
 
 
 def expert_bytes(q: jax.Array, scales: jax.Array, group_sizes: Any) -> int:
-    """Bytes of int4 values + scales of the experts that have rows (what a call must read)."""
+    """Bytes of the words + scales of the experts that have rows (what a call must read)."""
     used = int(np.count_nonzero(np.asarray(group_sizes)))
-    e, n = q.shape[:2]
-    k = scales.shape[-1] * GROUP
-    return used * (n * k // 2 + n * (k // GROUP) * jnp.dtype(scales.dtype).itemsize)
+    per_expert = (q.size * q.dtype.itemsize + scales.size * scales.dtype.itemsize) // q.shape[0]
+    return used * per_expert

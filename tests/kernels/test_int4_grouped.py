@@ -1,4 +1,5 @@
-"""The fused INT4 grouped matmul in Pallas' interpreter against its pure-JAX reference."""
+"""The fused INT4 grouped matmul in Pallas' interpreter against the reference path
+(``int4_ragged_dot``: dequantize, then ``jax.lax.ragged_dot``)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from kimi_jax.kernels import int4_grouped as ig
+from kimi_jax.quant.formats import int4_ragged_dot, pack_words
 
 # Pairwise-distinct sizes: experts, out, in (in a multiple of 32 scales and of block_k).
 E, N, K = 6, 48, 128
@@ -15,7 +17,7 @@ SMALL = ig.Config(block_m=16, block_n=16, block_k=64)
 def _inputs(seed, m, dtype):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, K)), dtype)
-    q = jnp.asarray(rng.integers(-8, 8, (E, N, K)), jnp.int4)
+    q = pack_words(jnp.asarray(rng.integers(-8, 8, (E, N, K)), jnp.int4))
     scales = jnp.asarray(rng.uniform(0.005, 0.05, (E, N, K // ig.GROUP)), jnp.bfloat16)
     return x, q, scales
 
@@ -35,28 +37,28 @@ GROUPS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("groups", "packed"), [(g, False) for g in GROUPS] + [(g, True) for g in GROUPS[:2]]
-)
-def test_float32_matches_reference(groups, packed):
+PLANES = ig.Config(block_m=16, block_n=16, block_k=128, planes=True)
+
+
+@pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]])
+def test_float32_matches_reference(groups, cfg):
     m = 41
     x, q, scales = _inputs(sum(groups), m, jnp.float32)
     gs = jnp.asarray(groups, jnp.int32)
-    ref = ig.reference(x, q, scales, gs)
-    qk = ig.to_kernel_layout(q, scales)[0] if packed else q
-    y = jax.block_until_ready(ig.int4_grouped_matmul(x, qk, scales, gs, config=SMALL, interpret=True))
+    ref = int4_ragged_dot(x, q, scales, gs)
+    y = jax.block_until_ready(ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True))
     assert y.shape == (m, N) and y.dtype == jnp.float32
     assert _rel(y, ref) < 1e-5
     np.testing.assert_array_equal(np.asarray(y)[sum(groups):], 0.0)  # rows past the sum
 
 
-@pytest.mark.parametrize("swap", [True, False])
-def test_bfloat16_matches_reference(swap):
+@pytest.mark.parametrize(("swap", "planes"), [(True, False), (False, False), (True, True)])
+def test_bfloat16_matches_reference(swap, planes):
     groups = [7, 0, 20, 0, 2, 19]
     x, q, scales = _inputs(1, 50, jnp.bfloat16)
     gs = jnp.asarray(groups, jnp.int32)
-    ref = ig.reference(x, q, scales, gs)
-    cfg = ig.Config(block_m=16, block_n=16, block_k=32, swap=swap)
+    ref = int4_ragged_dot(x, q, scales, gs)
+    cfg = ig.Config(block_m=16, block_n=16, block_k=128 if planes else 32, swap=swap, planes=planes)
     y = ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True)
     assert y.dtype == jnp.bfloat16
     assert _rel(y, ref) < 1e-2  # bf16 rounding of the output, float32 accumulation order
@@ -64,30 +66,21 @@ def test_bfloat16_matches_reference(swap):
 
 
 def test_dequantization_is_exact():
-    """W is q * scale rounded once to x's dtype, as the reference, in both layouts.
+    """W is q * scale rounded once to x's dtype, as the reference.
 
-    One-hot rows of x pick single input columns, so y = W.T exactly (one product each).
+    One-hot rows of x pick single input columns, so y = W.T exactly (one product each); the
+    expected W is built from the words' nibbles (input 8k + j: bits 4j..4j+3 of word k, q + 8).
     """
     x = jnp.eye(K, dtype=jnp.bfloat16)[: 2 * 32]
     _, q, scales = _inputs(2, 1, jnp.bfloat16)
     gs = jnp.asarray([0, 32, 0, 32, 0, 0], jnp.int32)
-    w = (q.astype(jnp.bfloat16).reshape(E, N, K // 32, 32) * scales[..., None]).reshape(E, N, K)
+    words = np.asarray(q, np.int64)
+    values = np.stack([((words >> (4 * j)) & 0xF) - 8 for j in range(8)], axis=-1).reshape(E, N, K)
+    w = (jnp.asarray(values, jnp.bfloat16).reshape(E, N, K // 32, 32) * scales[..., None]).reshape(E, N, K)
     want = np.concatenate([np.asarray(w[1, :, :32].T), np.asarray(w[3, :, 32:64].T)]).astype(np.float32)
-    for qk in (q, ig.to_kernel_layout(q, scales)[0]):
-        y = ig.int4_grouped_matmul(x, qk, scales, gs, config=ig.Config(block_m=16, block_n=16, block_k=32),
-                                   interpret=True)
-        np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), want)
-
-
-def test_kernel_layout_round_trip_and_packing():
-    _, q, scales = _inputs(3, 1, jnp.float32)
-    words, same = ig.to_kernel_layout(q, scales)
-    assert words.dtype == jnp.uint32 and words.shape == (E, N, K // 8) and same is scales
-    np.testing.assert_array_equal(np.asarray(ig.from_kernel_layout(words)), np.asarray(q))
-    # compressed-tensors pack-quantized: input 8k + j as q + 8 in bits 4j..4j+3 of word k.
-    qn = np.asarray(q, np.int64)
-    expect = sum(((qn[..., j::8] + 8) << (4 * j)) for j in range(8)).astype(np.uint32)
-    np.testing.assert_array_equal(np.asarray(words), expect)
+    y = ig.int4_grouped_matmul(x, q, scales, gs, config=ig.Config(block_m=16, block_n=16, block_k=32),
+                               interpret=True)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), want)
 
 
 @pytest.mark.parametrize("block_m", [8, 16])
@@ -140,5 +133,20 @@ def test_rejects_mismatched_shapes():
         ig.int4_grouped_matmul(x, q, scales[..., :-1], gs, interpret=True)
     with pytest.raises(ValueError, match="group_sizes"):
         ig.int4_grouped_matmul(x, q, scales, gs[:-1], interpret=True)
-    with pytest.raises(ValueError, match="int4 or packed"):
-        ig.int4_grouped_matmul(x, q.astype(jnp.int8), scales, gs, interpret=True)
+    with pytest.raises(ValueError, match="uint32 words"):
+        ig.int4_grouped_matmul(x, q.astype(jnp.int32), scales, gs, interpret=True)
+    with pytest.raises(ValueError, match="8 inputs per word"):
+        ig.int4_grouped_matmul(x[:, :64], q, scales, gs, interpret=True)
+
+
+def test_rejects_operands_past_32_bit_offsets():
+    """K2.5-size expert stacks fit the kernel's 32-bit element offsets as words; larger do not."""
+    x = jax.ShapeDtypeStruct((8, 7168), jnp.bfloat16)
+    fits = jax.ShapeDtypeStruct((384, 2048, 7168 // 8), jnp.uint32)
+    s = jax.ShapeDtypeStruct((384, 2048, 7168 // 32), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((384,), jnp.int32)
+    jax.eval_shape(lambda *a: ig.int4_grouped_matmul(*a, interpret=True), x, fits, s, g)
+    big = jax.ShapeDtypeStruct((1536, 2048, 7168 // 8), jnp.uint32)
+    with pytest.raises(ValueError, match="q has .* elements"):
+        ig.int4_grouped_matmul(x, big, jax.ShapeDtypeStruct((1536, 2048, 224), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((1536,), jnp.int32), interpret=True)

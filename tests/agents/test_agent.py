@@ -4,9 +4,9 @@ import threading
 import time
 
 import pytest
-from agents.scripted import ScriptedEngine, calls, returns
 
 from kimi_jax.agents import Agent, AgentEvent, as_tool, calculator
+from kimi_jax.agents.scripted import ScriptedEngine, calls, returns
 
 
 def agent(tok, script, tools=(calculator,), **kwargs):

@@ -3,9 +3,8 @@
 import json
 import re
 
-from agents.scripted import ScriptedEngine, calls, last_user, returns
-
 from kimi_jax.agents import Agent, Swarm, calculator
+from kimi_jax.agents.scripted import ScriptedEngine, calls, last_user, returns
 from kimi_jax.agents.swarm import DEFAULT_SUBAGENT_SYSTEM
 
 ITEMS = [f"{a} * {b}" for a, b in zip(range(2, 18), range(30, 46), strict=True)]  # 16 sub-tasks

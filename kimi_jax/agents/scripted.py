@@ -1,4 +1,5 @@
-"""A stand-in for the serving engine that replies from a script, token by token, in real K2.5 tokens.
+"""A stand-in for the serving engine that replies from a script, token by token, in real K2.5
+tokens: for testing agents, tools and scripted conversations without a model.
 
 ``script(prompt_text)`` returns the reply text (special-token strings included: reasoning,
 ``</think>``, tool-call sections), which is encoded with the real tokenizer and followed by
@@ -18,6 +19,8 @@ from kimi_jax.chat.tokenizer import Tokenizer
 
 @dataclasses.dataclass(eq=False)
 class ScriptedRequest:
+    """A request of :class:`ScriptedEngine`: its prompt, the reply it will emit, what it emitted so far."""
+
     prompt_ids: list[int]
     reply: list[int]
     on_token: Callable[[int], None] | None
@@ -29,6 +32,10 @@ class ScriptedRequest:
 
 
 class ScriptedEngine:
+    """Serves requests like :class:`~kimi_jax.inference.engine.Engine` (``submit`` / ``step`` /
+    ``cancel`` / ``stats``), replying with ``script(prompt_text)``. ``prompts`` records every
+    prompt submitted, ``widest`` the most requests served in one step."""
+
     def __init__(self, tokenizer: Tokenizer, script: Callable[[str], str], *, max_slots: int = 64,
                  max_length: int = 1 << 16):
         self.tokenizer, self.script, self.max_slots, self.max_length = tokenizer, script, max_slots, max_length
@@ -36,7 +43,7 @@ class ScriptedEngine:
         self.running: list[ScriptedRequest] = []
         self.prompts: list[list[int]] = []
         self.steps = 0
-        self.widest = 0  # most requests served in one step
+        self.widest = 0
 
     def submit(self, prompt_ids, *, max_new_tokens, stop_ids=(), on_token=None, **sampling) -> ScriptedRequest:
         self.prompts.append(list(prompt_ids))

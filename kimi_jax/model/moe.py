@@ -7,9 +7,10 @@ The routed experts have two implementations sharing one router:
   memory-hungry; the yardstick the other path is tested against.
 - ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
   contiguous groups (:func:`swiglu_grouped`), unsorted and combined. The production path.
-  INT4 experts use XLA (dequantize, then ``ragged_dot``); ``grouped-pallas`` selects the
-  fused Pallas kernel (``kimi_jax.kernels.int4_grouped``: int4 values and scales read once,
-  dequantized in registers), off the GPU in interpret mode (tests). See :func:`int4_kernel`.
+  INT4 experts use the fused Pallas kernel on GPUs (``kimi_jax.kernels.int4_grouped``: int4
+  values and scales read once, dequantized in registers) and XLA elsewhere (dequantize, then
+  ``ragged_dot``); ``grouped-pallas`` / ``grouped-xla`` choose explicitly (the kernel runs in
+  Pallas' interpreter off the GPU: tests). See :func:`int4_kernel`.
 
 The experts' storage format (``EXPERT_FORMATS``):
 - ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
@@ -198,11 +199,12 @@ def _experts_in_use(sizes: jax.Array, rows: int, quantized: bool) -> tuple[jax.A
 
 def int4_kernel(impl: str) -> str:
     """The INT4 grouped matmul a grouped ``impl`` uses: ``"pallas"`` (the fused kernel of
-    ``kimi_jax.kernels.int4_grouped``, chosen by ``grouped-pallas``) or ``"xla"`` (dequantize,
-    then ``ragged_dot``; ``grouped`` and ``grouped-xla``). The kernel is opt-in: its first GPU
-    run (H100, jax 0.11.2) hit an illegal memory access, so it is not yet the GPU default."""
-    if impl == "grouped":  # the kernel crashed on an H100 in its first GPU run: opt-in until it is fixed
-        return "xla"
+    ``kimi_jax.kernels.int4_grouped``) or ``"xla"`` (dequantize, then ``ragged_dot``).
+    ``grouped`` picks the kernel on GPUs (4-60x faster than XLA at K2.5 sizes on an H100,
+    ``benchmarks/RESULTS.md``) and XLA elsewhere (off the GPU the kernel only runs in Pallas'
+    interpreter); ``grouped-pallas`` / ``grouped-xla`` choose explicitly."""
+    if impl == "grouped":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
     return impl.removeprefix("grouped-")
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from kimi_jax.config.model import KimiConfig
-from kimi_jax.model.moe import MoE, experts_grouped, experts_reference
+from kimi_jax.model.moe import MoE, experts_grouped, experts_reference, int4_kernel
 from kimi_jax.testing.synthetic import k25_config
 
 
@@ -86,3 +86,10 @@ def test_int4_grouped_kernels_equal_reference(impl, tokens):
     moe.set_impl(impl)
     out = np.asarray(nnx.jit(lambda m, x: m(x))(moe, x))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_picks_the_kernel_on_gpus_only(monkeypatch):
+    assert int4_kernel("grouped") == "xla"  # the CPU: the kernel would run in the interpreter
+    assert int4_kernel("grouped-pallas") == "pallas" and int4_kernel("grouped-xla") == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert int4_kernel("grouped") == "pallas"

@@ -127,14 +127,24 @@ class Config:
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
-    """A config by rows per expert: small row tiles when weight reads dominate (decode)."""
+    """A config by rows per expert, from a sweep at K2.5 sizes on an H100 (benchmarks/RESULTS.md).
+
+    Up to 16 rows per expert (decode) the weight reads dominate: nibble planes with 16-row
+    tiles; few rows in all want long k-blocks (fewer, longer streams per program). Prefill
+    tiles are 128 x 128 with re-interleaved values (planes lose there: 8 narrow dots).
+    """
     rows_per_expert = m / max(1, min(e, m))
     if rows_per_expert <= 16:
-        cfg = Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, swap=True)
+        if m <= 64:
+            cfg = Config(block_m=16, block_n=64, block_k=512, num_warps=4, num_stages=3, planes=True)
+        elif k >= 4096:
+            cfg = Config(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=3, planes=True)
+        else:
+            cfg = Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, planes=True)
     elif rows_per_expert <= 64:
-        cfg = Config(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, swap=True)
+        cfg = Config(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
     else:
-        cfg = Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, swap=True)
+        cfg = Config(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4)
     return fit_config(cfg, n, k)
 
 
@@ -148,11 +158,11 @@ def _pow2_divisor(n: int, target: int, minimum: int) -> int:
 
 
 def fit_config(cfg: Config, n: int, k: int) -> Config:
-    """Shrink block_n / block_k to powers of two dividing ``out`` / ``in``."""
+    """Shrink block_n / block_k to powers of two dividing ``out`` / ``in`` (planes need k-blocks
+    of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes)."""
+    block_k = _pow2_divisor(k, cfg.block_k, GROUP)
     return dataclasses.replace(
-        cfg,
-        block_n=_pow2_divisor(n, cfg.block_n, 16),
-        block_k=_pow2_divisor(k, cfg.block_k, GROUP),
+        cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k, planes=cfg.planes and block_k >= 128,
     )
 
 

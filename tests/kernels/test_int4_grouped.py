@@ -122,8 +122,9 @@ def test_max_row_tiles_bound_holds(block_m):
 def test_default_config_fits_shapes():
     cfg = ig.default_config(8, 384, 2048, 7168)
     assert cfg.block_m == 16 and 2048 % cfg.block_n == 0 and 7168 % cfg.block_k == 0
-    assert ig.default_config(32768, 384, 7168, 2048).block_m == 128
+    assert cfg.planes and ig.default_config(32768, 384, 7168, 2048).block_m == 128
     assert ig.fit_config(ig.Config(block_n=64, block_k=256), 48, 96) == ig.Config(block_n=16, block_k=32)
+    assert not ig.fit_config(ig.Config(block_k=256, planes=True), 48, 96).planes  # 32-input blocks: no planes
 
 
 def test_rejects_mismatched_shapes():

@@ -13,7 +13,7 @@ NAME is a declared tool's, JSON is valid against that tool's ``parameters`` sche
 with ``", "`` / ``": "`` separators and no other whitespace). ``tool_choice`` ``"required"``
 or a named function forces a section: after the reasoning (``</think>``; the reasoning may
 not end the turn), or at once in Instant mode; a named function is the only one the
-section may call. ``"none"`` forbids the section. ``parallel_tool_calls=False`` allows one
+section may call. A section is followed by the end of the turn (``<|im_end|>``), as K2.5 writes it. ``"none"`` forbids the section. ``parallel_tool_calls=False`` allows one
 call per section.
 """
 
@@ -113,9 +113,9 @@ class ToolGrammar:
     def _checked(self, lark: str) -> str:
         """llguidance's grammar for a Lark text, checked against the vocabulary."""
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer)
-        if error and not llguidance.LLMatcher.is_validate_warning(error):
-            raise ToolGrammarError(f"the tools' schemas cannot be compiled into a grammar: {error}")
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        if is_error:
+            raise ToolGrammarError(f"the tools' schemas cannot be compiled into a grammar: {messages[0]}")
         return grammar
 
     def constraint(
@@ -146,7 +146,8 @@ class ToolCallConstraint:
         self._forced = forced
         self._reasoning = thinking
         self._matcher: llguidance.LLMatcher | None = None
-        self._done = False  # the section has ended (or the grammar failed): no more masks
+        self._closing = False  # the section has ended: the turn ends next
+        self._done = False  # the turn has ended (or the grammar failed): no more masks
         self.failed: str | None = None
         """Why the grammar stopped constraining, if it failed (a token outside it)."""
 
@@ -154,6 +155,8 @@ class ToolCallConstraint:
         g = self._g
         if self._done:
             return None
+        if self._closing:
+            return g.mask(allow=g.ends)
         if self._matcher is not None:
             bitmask = llguidance.numpy.allocate_token_bitmask(1, g.vocab_size)
             llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask)
@@ -166,14 +169,15 @@ class ToolCallConstraint:
 
     def accept(self, token: int) -> None:
         g = self._g
-        if self._done:
+        if self._done or self._closing:
+            self._done = True
             return
         if self._matcher is not None:
             if not self._matcher.consume_token(token):
                 self.failed = self._matcher.get_error() or f"token {token} is outside the tool-call grammar"
                 self._done = True
             elif self._matcher.is_stopped():
-                self._done = True
+                self._closing = True
         elif token == g.think_end:
             self._reasoning = False
         elif token == g.section_begin and self._section is not None:

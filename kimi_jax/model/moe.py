@@ -7,10 +7,14 @@ The routed experts have two implementations sharing one router:
   memory-hungry; the yardstick the other path is tested against.
 - ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
   contiguous groups (:func:`swiglu_grouped`), unsorted and combined. The production path.
-  INT4 experts use the fused Pallas kernel on GPUs (``kimi_jax.kernels.int4_grouped``: int4
-  values and scales read once, dequantized in registers) and XLA elsewhere (dequantize, then
-  ``ragged_dot``); ``grouped-pallas`` / ``grouped-xla`` choose explicitly (the kernel runs in
-  Pallas' interpreter off the GPU: tests). See :func:`int4_kernel`.
+  INT4 experts use a fused kernel where the platform has one: the Pallas Triton kernel on
+  GPUs (``kimi_jax.kernels.int4_grouped``: int4 values and scales read once, dequantized in
+  registers), the Pallas Mosaic kernel on TPUs (``kimi_jax.kernels.int4_grouped_tpu``:
+  dequantized in VMEM), XLA elsewhere (dequantize, then ``ragged_dot``). The platform is
+  chosen when the step is lowered (``jax.lax.platform_dependent``), so one traced step
+  exports for TPU, GPU and CPU alike. ``grouped-pallas`` / ``grouped-pallas-tpu`` /
+  ``grouped-xla`` choose explicitly (a kernel off its platform runs in Pallas' interpreter:
+  tests). See :func:`int4_kernel`.
 
 The experts' storage format (``EXPERT_FORMATS``):
 - ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
@@ -26,6 +30,7 @@ The experts' storage format (``EXPERT_FORMATS``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,13 +38,24 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from kimi_jax.config.model import TextConfig
+from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
+from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.model.layers import Buffer, Quantized, weight
 from kimi_jax.parallel.expert import expert_parallel_moe
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
 
-MOE_IMPLS = ("grouped", "grouped-xla", "grouped-pallas", "reference")
+MOE_IMPLS = ("grouped", "grouped-xla", "grouped-pallas", "grouped-pallas-tpu", "reference")
+INT4_KERNELS = {
+    "xla": "dequantize in HBM, then jax.lax.ragged_dot",
+    "pallas": "Pallas Triton kernel, kimi_jax.kernels.int4_grouped (GPUs)",
+    "pallas-tpu": "Pallas Mosaic kernel, kimi_jax.kernels.int4_grouped_tpu (TPUs)",
+}
+"""The INT4 grouped matmuls, by the name :func:`int4_kernel` gives them."""
+NATIVE_PLATFORMS = {"pallas": ("cuda", "rocm"), "pallas-tpu": ("tpu",)}
+"""Where each Pallas kernel runs compiled (elsewhere: in the interpreter; ``xla`` runs anywhere)."""
+PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 EXPERT_FORMATS = ("dense", "int4")
 INT4_GROUP_SIZE = 32
 """Input columns per scale in the ``int4`` format (Kimi K2.5 / K2-Thinking use 32)."""
@@ -187,48 +203,113 @@ def grouped_matmul(
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def _experts_in_use(sizes: jax.Array, rows: int, quantized: bool) -> tuple[jax.Array, jax.Array | None]:
+def _experts_in_use(sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Array | None]:
     """For INT4 experts with fewer rows than experts (decoding): the experts that have rows
     (ascending, like the sorted rows; padded with empty groups) and their group sizes, so
     only those are dequantized. Otherwise ``(sizes, None)``: every expert, in order."""
-    if not quantized or rows >= sizes.shape[0]:
+    if rows >= sizes.shape[0]:
         return sizes, None
     used = jnp.nonzero(sizes, size=rows, fill_value=0)[0]
     return jnp.where(jnp.arange(rows) < jnp.count_nonzero(sizes), sizes[used], 0), used
 
 
-def int4_kernel(impl: str) -> str:
-    """The INT4 grouped matmul a grouped ``impl`` uses: ``"pallas"`` (the fused kernel of
-    ``kimi_jax.kernels.int4_grouped``) or ``"xla"`` (dequantize, then ``ragged_dot``).
-    ``grouped`` picks the kernel on GPUs (4-60x faster than XLA at K2.5 sizes on an H100,
-    ``benchmarks/RESULTS.md``) and XLA elsewhere (off the GPU the kernel only runs in Pallas'
-    interpreter); ``grouped-pallas`` / ``grouped-xla`` choose explicitly."""
+def int4_kernel(impl: str, platform: str | None = None) -> str:
+    """The INT4 grouped matmul a grouped ``impl`` uses (a key of :data:`INT4_KERNELS`).
+
+    ``grouped`` picks by platform: the fused kernel native to it (the Triton kernel on GPUs,
+    4-60x faster than XLA at K2.5 sizes on an H100, ``benchmarks/RESULTS.md``; the Mosaic
+    kernel on TPUs), XLA elsewhere. Without ``platform`` it answers ``"auto"``: the choice is
+    made when the step is lowered (:func:`swiglu_grouped`). ``grouped-pallas`` /
+    ``grouped-pallas-tpu`` / ``grouped-xla`` choose explicitly; given a ``platform`` where an
+    explicit kernel would only run in Pallas' interpreter, raises ``ValueError``.
+    """
+    if impl not in MOE_IMPLS or impl == "reference":
+        raise ValueError(f"no INT4 grouped matmul for MoE implementation {impl!r}; choose from {MOE_IMPLS[:-1]}")
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; choose from {PLATFORMS}")
     if impl == "grouped":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl.removeprefix("grouped-")
+        if platform is None:
+            return "auto"
+        return next((k for k, ps in NATIVE_PLATFORMS.items() if platform in ps), "xla")
+    kernel = impl.removeprefix("grouped-")
+    if platform is not None and kernel in NATIVE_PLATFORMS and platform not in NATIVE_PLATFORMS[kernel]:
+        raise ValueError(
+            f"MoE implementation {impl!r}: the {INT4_KERNELS[kernel]} has no path for platform {platform!r} "
+            f"(it runs compiled on {', '.join(NATIVE_PLATFORMS[kernel])} only); use 'grouped' or 'grouped-xla'"
+        )
+    return kernel
+
+
+def kernel_fits(kernel: str, d_model: int, d_hidden: int) -> bool:
+    """Whether ``kernel`` takes the experts' shapes (gate / up ``[d_hidden, d_model]``, down
+    ``[d_model, d_hidden]``): the Triton kernel needs power-of-two tiles of at least 16
+    outputs and 32 inputs dividing them; the others take any shape."""
+    if kernel != "pallas":
+        return True
+    try:
+        for n, k in ((d_hidden, d_model), (d_model, d_hidden)):
+            int4_grouped.fit_config(int4_grouped.Config(), n, k)
+    except ValueError:
+        return False
+    return True
+
+
+def lowered_int4_kernel(impl: str, platform: str, d_model: int, d_hidden: int) -> str:
+    """The INT4 kernel a step lowered for ``platform`` runs for experts of these (per-device)
+    sizes: :func:`int4_kernel`, with ``grouped`` falling back to XLA where the platform's
+    kernel does not take the shapes (:func:`kernel_fits`)."""
+    kernel = int4_kernel(impl, platform)
+    return kernel if impl != "grouped" or kernel_fits(kernel, d_model, d_hidden) else "xla"
+
+
+def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, interpret: bool) -> jax.Array:
+    """:func:`swiglu_grouped` for INT4 experts through one kernel."""
+    if kernel == "xla":
+        sizes, used = _experts_in_use(sizes, rows.shape[0])
+        h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
+        h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
+        return grouped_matmul(h, w["down_proj"], sizes, used)
+    fused = int4_grouped_matmul if kernel == "pallas" else int4_grouped_matmul_tpu
+
+    def matmul(x, proj):
+        return fused(x, proj["q"], proj["scales"], sizes, interpret=interpret)
+
+    return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
 
 
 def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> jax.Array:
     """SwiGLU of ``rows`` [M, D] grouped contiguously by expert (``sizes`` [E] rows each)
     through the experts' raw weights ``w`` (``nnx.state(experts).to_pure_dict()``) -> [M, D].
 
-    INT4 with the ``"pallas"`` kernel reads only the experts with rows, in one launch per
-    projection (in interpret mode off the GPU); dense experts always use ``ragged_dot``. With ``"xla"`` and fewer rows than experts
+    Dense experts always use ``ragged_dot``. INT4 experts use ``kernel`` (:func:`int4_kernel`):
+    ``"auto"`` is chosen per platform when the step is lowered (``jax.lax.platform_dependent``,
+    with :func:`lowered_int4_kernel`'s choice for each); a Pallas kernel runs compiled on its
+    platform and in Pallas' interpreter elsewhere. The Pallas kernels read only the experts
+    with rows, in one launch per projection. With ``"xla"`` and fewer rows than experts
     (decoding), the experts in use are gathered first (at most M, padded with empty groups),
     so only those are dequantized.
     """
-    quantized = isinstance(w["gate_proj"], dict)
-    if quantized and kernel == "pallas":
-        interpret = jax.default_backend() != "gpu"
+    if not isinstance(w["gate_proj"], dict):
+        h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes))
+        return grouped_matmul(h * grouped_matmul(rows, w["up_proj"], sizes), w["down_proj"], sizes)
+    if kernel not in (*INT4_KERNELS, "auto"):
+        raise ValueError(f"unknown INT4 kernel {kernel!r}; choose from {(*INT4_KERNELS, 'auto')}")
+    d_hidden, d_model = w["gate_proj"]["scales"].shape[1], rows.shape[1]
 
-        def matmul(x, proj):
-            return int4_grouped_matmul(x, proj["q"], proj["scales"], sizes, interpret=interpret)
+    branches = {}
 
-        return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
-    sizes, used = _experts_in_use(sizes, rows.shape[0], quantized)
-    h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
-    h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
-    return grouped_matmul(h, w["down_proj"], sizes, used)
+    def branch(name: str, interpret: bool):  # one callable per kernel: platform_dependent joins equal branches
+        return branches.setdefault((name, interpret), functools.partial(_swiglu_int4, kernel=name, interpret=interpret))
+
+    if kernel == "auto":
+        chosen = {p: lowered_int4_kernel("grouped", p, d_model, d_hidden) for p in NATIVE_PLATFORMS["pallas"] + ("tpu",)}
+        return jax.lax.platform_dependent(
+            w, rows, sizes, **{p: branch(k, False) for p, k in chosen.items()}, default=branch("xla", False)
+        )
+    if kernel == "xla":
+        return _swiglu_int4(w, rows, sizes, "xla", False)
+    native = dict.fromkeys(NATIVE_PLATFORMS[kernel], branch(kernel, False))
+    return jax.lax.platform_dependent(w, rows, sizes, **native, default=branch(kernel, True))
 
 
 def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array, kernel: str = "xla") -> jax.Array:

@@ -7,7 +7,14 @@ import pytest
 from flax import nnx
 
 from kimi_jax.config.model import KimiConfig
-from kimi_jax.model.moe import MoE, experts_grouped, experts_reference, int4_kernel
+from kimi_jax.model.moe import (
+    MoE,
+    experts_grouped,
+    experts_reference,
+    int4_kernel,
+    lowered_int4_kernel,
+    swiglu_grouped,
+)
 from kimi_jax.testing.synthetic import k25_config
 
 
@@ -73,11 +80,11 @@ def test_int4_experts_are_not_trainable_params():
         "expert", "expert_mlp", "embed_groups")
 
 
-@pytest.mark.parametrize("impl", ["grouped-xla", "grouped-pallas"])
+@pytest.mark.parametrize("impl", ["grouped-xla", "grouped-pallas", "grouped-pallas-tpu"])
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_int4_grouped_kernels_equal_reference(impl, tokens):
-    """Both INT4 grouped paths (XLA dequantize + ragged_dot; the fused Pallas kernel, in
-    interpret mode here) against the per-token reference: decode (few rows) and prefill."""
+    """The INT4 grouped paths (XLA dequantize + ragged_dot; the fused Triton and Mosaic
+    kernels, in interpret mode here) against the per-token reference: decode and prefill."""
     cfg = moe_config(hidden_size=64, moe_intermediate_size=32)
     moe = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5), expert_format="int4")
     x = jax.random.normal(jax.random.key(3), (tokens, cfg.hidden_size))
@@ -88,8 +95,46 @@ def test_int4_grouped_kernels_equal_reference(impl, tokens):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_picks_the_kernel_on_gpus_only(monkeypatch):
-    assert int4_kernel("grouped") == "xla"  # the CPU: the kernel would run in the interpreter
-    assert int4_kernel("grouped-pallas") == "pallas" and int4_kernel("grouped-xla") == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert int4_kernel("grouped") == "pallas"
+def test_grouped_picks_the_kernel_by_platform():
+    assert int4_kernel("grouped") == "auto"  # chosen when the step is lowered
+    assert [int4_kernel("grouped", p) for p in ("cuda", "rocm", "tpu", "cpu")] == ["pallas", "pallas", "pallas-tpu", "xla"]
+    assert int4_kernel("grouped-pallas") == "pallas" and int4_kernel("grouped-xla", "tpu") == "xla"
+    assert int4_kernel("grouped-pallas-tpu", "tpu") == "pallas-tpu"
+    # the Triton kernel needs power-of-two tiles: these experts fall back to XLA on GPUs
+    assert lowered_int4_kernel("grouped", "cuda", 48, 24) == "xla"
+    assert lowered_int4_kernel("grouped", "cuda", 7168, 2048) == "pallas"
+    assert lowered_int4_kernel("grouped", "tpu", 48, 24) == "pallas-tpu"
+
+
+@pytest.mark.parametrize("impl, platform", [("grouped-pallas", "tpu"), ("grouped-pallas", "cpu"),
+                                            ("grouped-pallas-tpu", "cuda")])
+def test_kernel_without_a_path_for_the_platform(impl, platform):
+    with pytest.raises(ValueError, match=f"no path for platform '{platform}'"):
+        int4_kernel(impl, platform)
+    with pytest.raises(ValueError, match="unknown platform"):
+        int4_kernel("grouped", "metal")
+    with pytest.raises(ValueError, match="no INT4 grouped matmul"):
+        int4_kernel("reference")
+
+
+@pytest.mark.parametrize("platform, call", [("tpu", "tpu_custom_call"), ("cuda", "xla.gpu.triton"),
+                                            ("cpu", "ragged_dot")])
+def test_one_traced_step_lowers_each_platforms_kernel(platform, call):
+    """grouped's choice is made at lowering: the same function exported for TPU holds the
+    Mosaic kernel, for CUDA the Triton kernel, for the CPU XLA's ragged_dot."""
+    E, D, F, M = 8, 128, 64, 16
+    words = {"q": jax.ShapeDtypeStruct((E, F, D // 8), jnp.uint32), "scales": jax.ShapeDtypeStruct((E, F, D // 32), jnp.bfloat16)}
+    down = {"q": jax.ShapeDtypeStruct((E, D, F // 8), jnp.uint32), "scales": jax.ShapeDtypeStruct((E, D, F // 32), jnp.bfloat16)}
+    w = {"gate_proj": words, "up_proj": words, "down_proj": down}
+    args = (w, jax.ShapeDtypeStruct((M, D), jnp.bfloat16), jax.ShapeDtypeStruct((E,), jnp.int32))
+    kind = {"tpu": "TPU v5p", "cuda": "NVIDIA H100 80GB HBM3", "cpu": "cpu"}[platform]
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)):
+        exported = jax.export.export(
+            jax.jit(lambda w, x, s: swiglu_grouped(w, x, s, "auto")), platforms=(platform,),
+            # Triton calls carry no compatibility guarantee across jaxlib versions
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+    text = exported.mlir_module()
+    assert call in text
+    assert all(other not in text for other in {"tpu_custom_call", "xla.gpu.triton"} - {call})

@@ -61,7 +61,8 @@ def export_hf(model, folder: str | Path, *, dtype: str = "bfloat16", tokenizer: 
     for t in targets:
         for name, array in source_tensors(t, to_host(values[t.path])).items():
             keep32 = name.endswith("e_score_correction_bias")
-            tensors[name] = array if keep32 else array.astype(EXPORT_DTYPES[dtype])
+            # contiguous: safetensors writes an array's buffer as it lies in memory
+            tensors[name] = np.ascontiguousarray(array if keep32 else array.astype(EXPORT_DTYPES[dtype]))
     raw = json.loads(config.to_json())
     for block in (raw, raw.get("text_config", {})):  # the weights are written unquantized
         block.pop("quantization_config", None)

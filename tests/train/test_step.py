@@ -1,0 +1,119 @@
+"""The train step: loss, optimizers, QK-clip, bias update, finite differences, resume, LoRA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kimi_jax.model.layers import Quantized
+from kimi_jax.train.checkpoint import latest_step
+from kimi_jax.train.forward import forward
+from kimi_jax.train.loop import fit
+from kimi_jax.train.loss import next_token_loss
+from kimi_jax.train.optim import OptimizerConfig
+from kimi_jax.train.step import StepConfig, Trainer
+
+
+def test_forward_equals_the_model(model, batch):
+    out = forward(model.language_model, jnp.asarray(batch["inputs"]), remat=True, max_logits=True)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(model(batch["inputs"])), rtol=1e-5, atol=1e-5)
+    assert len(out.routing) == 1 and out.routing[0].idx.shape == (48, 2) and len(out.max_logits) == 2
+
+
+def test_prompt_tokens_are_masked():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+    loss, n = next_token_loss(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]))
+    assert float(n) == 1 and float(loss) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_few_steps_reduce_the_loss(model, batch, name):
+    trainer = Trainer(model, OptimizerConfig(name=name, learning_rate=3e-3), StepConfig(remat=True))
+    losses = [trainer.step(batch)["loss"] for _ in range(6)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_qk_clip_caps_attention_logits(model, batch):
+    ids = jnp.asarray(batch["inputs"])
+    before = np.stack(forward(model.language_model, ids, max_logits=True).max_logits)
+    tau = float(np.median(before))
+    trainer = Trainer(model, OptimizerConfig(name="muon", learning_rate=1e-9, clip_norm=0),
+                      StepConfig(qk_clip=tau, bias_update_rate=0))
+    trainer.step(batch)
+    after = np.stack(forward(trainer.model.language_model, ids, max_logits=True).max_logits)
+    np.testing.assert_allclose(after, np.minimum(before, tau), rtol=1e-3)
+
+
+def test_bias_update_moves_load_toward_balance(batch, make_model):
+    skewed = make_model()
+    gate = skewed.language_model.layers[1].mlp.gate
+    gate.weight[...] = gate.weight[...].at[:, 0].add(0.5)  # expert 0 is everyone's first choice
+    trainer = Trainer(skewed, OptimizerConfig(learning_rate=1e-9), StepConfig(bias_update_rate=0.02))
+    ratios = [trainer.step(batch)["max_load_ratio"] for _ in range(25)]
+    bias = np.asarray(trainer.model.language_model.layers[1].mlp.gate.e_score_correction_bias[...])
+    assert ratios[-1] <= 0.8 * ratios[0], ratios
+    assert bias[0] == bias.min() < 0
+
+
+def test_gradients_equal_finite_differences(model, batch):
+    """The directional derivative of the loss (with the balance loss) along a random direction."""
+    ids = jnp.asarray(batch["inputs"])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        out = forward(m.language_model, ids)
+        return next_token_loss(out.logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["weights"]))[0]
+
+    grads = jax.grad(loss)(params)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    norm = jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree.leaves(direction)))
+    direction = jax.tree.map(lambda d: d / norm, direction)  # a unit step, small enough to keep every routing choice
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    eps = 1e-2
+    shifted = [loss(jax.tree.map(lambda p, d, s=s: p + s * eps * d, params, direction)) for s in (1, -1)]
+    numeric = float(shifted[0] - shifted[1]) / (2 * eps)
+    assert numeric == pytest.approx(analytic, rel=2e-2)
+
+
+def test_resume_continues_bit_for_bit(model, tmp_path, make_batch):
+    def batch_at(step):
+        return make_batch(seed=step)
+
+    config = (OptimizerConfig(name="muon", learning_rate=3e-3, warmup_steps=2, decay_steps=4), StepConfig(qk_clip=5.0))
+    whole = Trainer(model, *config)
+    fit(whole, batch_at, 4, progress=False)
+    first = Trainer(model, *config)
+    fit(first, batch_at, 2, out=tmp_path, progress=False)
+    assert latest_step(tmp_path) == 2
+    resumed = Trainer(model, *config)
+    logged = fit(resumed, batch_at, 4, out=tmp_path, log_every=1, progress=False)
+    assert [r["step"] for r in logged] == [3, 4]
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), whole.state, resumed.state)
+    assert all(jax.tree.leaves(same))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all('"loss"' in line for line in lines)  # steps 2 (logged at the end), 3, 4
+
+
+@pytest.mark.parametrize("expert_format", ["dense", "int4"])
+def test_lora_leaves_frozen_weights_untouched(batch, expert_format, make_model):
+    model = make_model(expert_format)
+    trainer = Trainer(model, OptimizerConfig(learning_rate=1e-2), StepConfig(bias_update_rate=0), lora=4)
+    losses = [trainer.step(batch)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0]
+    frozen = nnx.state(model, nnx.Any(nnx.Param, Quantized))
+    after = nnx.state(trainer.model, nnx.Any(nnx.Param, Quantized))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(frozen), nnx.to_flat_state(after), strict=True):
+        assert np.array_equal(np.asarray(a[...]), np.asarray(b[...])), path
+    merged = trainer.merged_model()
+    q = merged.language_model.layers[0].self_attn.q_a_proj[...]
+    assert not np.array_equal(np.asarray(q), np.asarray(model.language_model.layers[0].self_attn.q_a_proj[...]))
+
+
+def test_bad_batch_is_refused(model, batch):
+    trainer = Trainer(model)
+    with pytest.raises(ValueError, match="lacks"):
+        trainer.step({k: v for k, v in batch.items() if k != "weights"})

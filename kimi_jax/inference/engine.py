@@ -529,7 +529,7 @@ class Engine:
             token = int(tokens[slot])
             request.token_ids.append(token)
             self._stats["decoded_tokens"] += 1
-            if request.constraint is not None and not finished[slot]:
+            if request.constraint is not None:
                 request.constraint.accept(token)
             if request.media is None:  # the cache holds the prompt and every fed token
                 self._cached[slot] = request.prompt_ids + request.token_ids[:-1]

@@ -41,7 +41,7 @@ def allowed(mask, vocab_size):
     return np.unpackbits(np.asarray(mask).view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
-def sample(grammar, constraint, stream, rng, *, limit=600, ending=None, bias=0.9):
+def sample(grammar, constraint, stream, rng, *, limit=3000, ending=None, bias=0.9):
     """Random tokens the constraint allows (mostly ones that close strings and objects, so
     that calls end), fed to ``stream``, until the constraint stops masking, the output ends or ``limit``."""
     ending = ending if ending is not None else grammar_closers(grammar)

@@ -127,7 +127,9 @@ def main() -> None:
 
             abstract = nnx.eval_shape(lambda: Kimi(cfg, dtype=jnp.bfloat16, expert_format="int4"))
             graphdef, state = nnx.split(abstract.language_model)
-            slots = jax.eval_shape(lambda: SlotState.create(KVCache.create(cfg.text, args.slots, args.length)))
+            slots = jax.eval_shape(
+                lambda: SlotState.create(KVCache.create(cfg.text, args.slots, args.length), cfg.text.vocab_size)
+            )
             block = key_block_for(cfg.text, args.slots, 1, args.length, None)
             jax.clear_caches()  # measure a cold compile, not the engine's cached one
             t0 = time.perf_counter()

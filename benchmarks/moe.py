@@ -1,9 +1,10 @@
 """One MoE layer at Kimi K2.5's real sizes on one accelerator, against the measured floors.
 
 384 routed experts of 7168 x 2048 (top 8), one shared expert, random weights, bf16
-activations, INT4 experts (int4 values + one bf16 scale per 32 inputs). After measuring the
-copy bandwidth and the bf16 matmul rate, for each token count and grouped implementation
-(``grouped-pallas``: the fused INT4 kernel; ``grouped-xla``: dequantize, then ``ragged_dot``)
+activations; INT4 experts (int4 values + one bf16 scale per 32 inputs), then bf16 experts
+(stock ``ragged_dot``, up to ``--bf16-max`` tokens). After measuring the copy bandwidth and
+the bf16 matmul rate, for each token count and grouped implementation (INT4:
+``grouped-pallas``, the fused kernel; ``grouped-xla``, dequantize then ``ragged_dot``)
 it reports the median ms of one jitted call of the whole layer (router, routed experts,
 shared expert), the bytes a call must read at least (the distinct chosen experts' int4 values
 and scales, the router, the shared expert), the achieved TB/s and its ratio to the copy
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--impls", nargs="+", default=["grouped-pallas", "grouped-xla"],
                         choices=["grouped-pallas", "grouped-xla"])
+    parser.add_argument("--bf16-max", type=int, default=256,
+                        help="largest token count for bf16 experts (stock ragged_dot; 0: skip bf16 experts)")
     parser.add_argument("--out", default=str(RESULTS / "moe.jsonl"))
     args = parser.parse_args()
 
@@ -51,48 +54,54 @@ def main() -> None:
     print(f"{device_name()}, jax {jax.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     cfg = kimi_k25_config().text
     E, D, F, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
-    moe = MoE(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format="int4")
-    jax.block_until_ready(nnx.state(moe))
-    per_expert = 3 * D * F * (4 + 16 / INT4_GROUP_SIZE) / 8  # bytes: int4 values + bf16 scales
     fixed = E * D * 2 + 3 * D * cfg.shared_intermediate_size * 2  # router + shared expert, bf16
-    route = jax.jit(lambda x: moe.gate(x)[1])
-    graphdef, state = nnx.split(moe)
-    steps = {}
-    for impl in args.impls:
-        moe.set_impl(impl)
-        graphdef = nnx.graphdef(moe)
-        steps[impl] = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
-    print(f"{'tokens':>6} {'impl':>15} {'ms':>9} {'experts':>7} {'GB':>6} {'TB/s':>6} {'bw %':>5} "
+    print(f"{'tokens':>6} {'experts':>7} {'impl':>15} {'ms':>9} {'chosen':>6} {'GB':>6} {'TB/s':>6} {'bw %':>5} "
           f"{'TFLOP/s':>8} {'mm %':>5} {'rel err':>8}")
-    for T in args.tokens:
-        x = jax.random.normal(jax.random.key(T), (T, D), jnp.bfloat16)
-        used = len(np.unique(np.asarray(route(x))))
-        need = used * per_expert + fixed
-        flops = 2 * T * (K + cfg.n_shared_experts) * 3 * D * F
-        outputs = {}
-        for impl, step in steps.items():
-            if impl == "grouped-xla" and T > args.xla_max:
+    formats = [("int4", 3 * D * F * (4 + 16 / INT4_GROUP_SIZE) / 8, args.impls)]  # bytes per expert
+    if args.bf16_max:
+        formats.append(("bf16", 3 * D * F * 2, ["grouped"]))
+    for fmt, per_expert, impls in formats:
+        moe = MoE(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format="int4" if fmt == "int4" else "dense")
+        jax.block_until_ready(nnx.state(moe))
+        route = jax.jit(lambda x, moe=moe: moe.gate(x)[1])
+        state = nnx.state(moe)
+        steps = {}
+        for impl in impls:
+            moe.set_impl(impl)
+            graphdef = nnx.graphdef(moe)
+            steps[impl] = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
+        for T in args.tokens:
+            if fmt == "bf16" and T > args.bf16_max:
                 continue
-            try:
-                seconds = median_seconds(step, state, x, iters=args.iters)
-            except Exception as e:  # out of memory: recorded, not fatal
-                print(f"{T:>6} {impl:>15} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                record(args.out, tokens=T, experts="int4", impl=impl, error=str(e).splitlines()[0][:300])
-                continue
-            outputs[impl] = step(state, x)
-            err = None
-            if impl == "grouped-xla" and "grouped-pallas" in outputs:
-                a, b = (np.asarray(outputs[k], np.float32) for k in ("grouped-pallas", "grouped-xla"))
-                err = float(np.abs(a - b).max() / np.abs(b).max())
-            row = record(
-                args.out, tokens=T, experts="int4", impl=impl, ms=round(seconds * 1e3, 4), bytes=int(need),
-                distinct_experts=used, tb_s=round(need / seconds / 1e12, 3), bw_ratio=round(need / seconds / bw, 3),
-                tflop_s=round(flops / seconds / 1e12, 1), mm_ratio=round(flops / seconds / rate, 3),
-                bandwidth_tb_s=round(bw / 1e12, 3), matmul_tflop_s=round(rate / 1e12, 1), rel_err_vs_pallas=err,
-            )
-            print(f"{T:>6} {impl:>15} {row['ms']:>9.3f} {used:>7} {need / 1e9:>6.2f} {row['tb_s']:>6.2f} "
-                  f"{100 * row['bw_ratio']:>5.1f} {row['tflop_s']:>8.1f} {100 * row['mm_ratio']:>5.1f} "
-                  f"{'' if err is None else f'{err:.1e}':>8}", flush=True)
+            x = jax.random.normal(jax.random.key(T), (T, D), jnp.bfloat16)
+            used = len(np.unique(np.asarray(route(x))))
+            need = used * per_expert + fixed
+            flops = 2 * T * (K + cfg.n_shared_experts) * 3 * D * F
+            outputs = {}
+            for impl, step in steps.items():
+                if impl == "grouped-xla" and T > args.xla_max:
+                    continue
+                try:
+                    seconds = median_seconds(step, state, x, iters=args.iters)
+                except Exception as e:  # out of memory: recorded, not fatal
+                    print(f"{T:>6} {fmt:>7} {impl:>15} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    record(args.out, tokens=T, experts=fmt, impl=impl, error=str(e).splitlines()[0][:300])
+                    continue
+                outputs[impl] = step(state, x)
+                err = None
+                if impl == "grouped-xla" and "grouped-pallas" in outputs:
+                    a, b = (np.asarray(outputs[k], np.float32) for k in ("grouped-pallas", "grouped-xla"))
+                    err = float(np.abs(a - b).max() / np.abs(b).max())
+                row = record(
+                    args.out, tokens=T, experts=fmt, impl=impl, ms=round(seconds * 1e3, 4), bytes=int(need),
+                    distinct_experts=used, tb_s=round(need / seconds / 1e12, 3), bw_ratio=round(need / seconds / bw, 3),
+                    tflop_s=round(flops / seconds / 1e12, 1), mm_ratio=round(flops / seconds / rate, 3),
+                    bandwidth_tb_s=round(bw / 1e12, 3), matmul_tflop_s=round(rate / 1e12, 1), rel_err_vs_pallas=err,
+                )
+                print(f"{T:>6} {fmt:>7} {impl:>15} {row['ms']:>9.3f} {used:>6} {need / 1e9:>6.2f} {row['tb_s']:>6.2f} "
+                      f"{100 * row['bw_ratio']:>5.1f} {row['tflop_s']:>8.1f} {100 * row['mm_ratio']:>5.1f} "
+                      f"{'' if err is None else f'{err:.1e}':>8}", flush=True)
+        del moe, state, steps
 
 
 if __name__ == "__main__":

@@ -61,3 +61,45 @@ def test_exported_steps_equal_the_live_ones(checkpoint, tmp_path):
         for a, b in zip(jax.tree.leaves(exported[0]), jax.tree.leaves(live[0]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     assert (np.asarray(exported[0].produced) == 4).all()
+
+
+def test_k25_exports_for_tpu_from_the_command_line(tmp_path, capsys):
+    """The whole K2.5 (61 layers, INT4, abstract) on tpu-v5p-64: the decode step's module holds
+    the Mosaic kernel, and the manifest names it for every MoE layer. (Decode only: prefill
+    lowers the same layers again; the other TPU layouts export alike, see the README.)"""
+    from kimi_jax.cli.main import main
+
+    assert main(["export", "--config", "kimi-k2.5", "--platform", "tpu", "--mesh", "tpu-v5p-64",
+                 "--out", str(tmp_path), "--steps", "decode"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["device_kind"] == "TPU v5p" and manifest["mesh"]["axes"] == {"data": 1, "expert": 16, "tensor": 2}
+    moe = manifest["kernels"]["moe"]
+    assert moe["kernel"] == "pallas-tpu" and moe["layers"] == list(range(1, 61))
+    decode = manifest["steps"]["decode"]
+    assert decode["custom_calls"].get("tpu_custom_call", 0) >= 1
+    assert decode["weights"]["arrays"] > 1000 and decode["weights"]["bytes"] > 5.9e11  # INT4 experts: 594 GB
+    assert (tmp_path / "decode.jax_export").stat().st_size == decode["bytes"]
+    assert "pallas-tpu" in capsys.readouterr().out
+
+
+def test_k25_exports_for_cuda_on_gpu_8(tmp_path):
+    manifest = export_steps(kimi_jax.kimi_k25_config(), platform="cuda", mesh="gpu-8", out=tmp_path,
+                            steps=["decode"])
+    assert manifest["kernels"]["moe"]["kernel"] == "pallas"
+    calls = manifest["steps"]["decode"]["custom_calls"]
+    assert "__gpu$xla.gpu.triton" in calls and "tpu_custom_call" not in calls
+
+
+def test_clear_errors(tmp_path):
+    cfg = KimiConfig.from_dict(k25_config(TINY_TEXT, multimodal=False))
+    with pytest.raises(ExportError, match="no path for platform 'tpu'"):
+        export_steps(cfg, platform="tpu", mesh="tpu-v5p-64", out=tmp_path, moe_impl="grouped-pallas")
+    with pytest.raises(ExportError, match="which TPU is layout"):
+        export_steps(cfg, platform="tpu", mesh="gpu-8", out=tmp_path, expert_format="dense")
+    with pytest.raises(ExportError, match="unknown platform"):
+        export_steps(cfg, platform="metal", mesh="gpu-8", out=tmp_path)
+    with pytest.raises(ExportError, match="unknown steps"):
+        export_steps(cfg, platform="cpu", mesh="gpu-8", out=tmp_path, steps=["train"])
+    with pytest.raises(ExportError, match="exported for tpu"):
+        (tmp_path / "manifest.json").write_text(json.dumps({"platform": "tpu", "steps": {}}))
+        ExportedSteps(tmp_path)

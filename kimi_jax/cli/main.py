@@ -11,6 +11,7 @@ from kimi_jax.cli import (
     chat,
     convert,
     demo,
+    export,
     generate,
     info,
     plan,
@@ -20,7 +21,7 @@ from kimi_jax.cli import (
 )
 from kimi_jax.cli.common import error_message
 
-COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train, serve)
+COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train, serve, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+import flatbuffers  # noqa: F401 - Exported.serialize needs it: a missing one fails here, not after lowering
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -262,6 +262,26 @@ def lowered_int4_kernel(impl: str, platform: str, d_model: int, d_hidden: int) -
     return kernel if impl != "grouped" or kernel_fits(kernel, d_model, d_hidden) else "xla"
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _reference_grad(kernel, x, q, scales, sizes):
+    """``kernel(x, q, scales, sizes)`` differentiated like the reference path (the Pallas kernels
+    have no autodiff rule): the gradient reaches x only, as the INT4 weights are never trained."""
+    return kernel(x, q, scales, sizes)
+
+
+def _reference_grad_fwd(kernel, x, q, scales, sizes):
+    return kernel(x, q, scales, sizes), (x, q, scales, sizes)
+
+
+def _reference_grad_bwd(kernel, residuals, g):
+    x, q, scales, sizes = residuals
+    _, vjp = jax.vjp(lambda x: int4_ragged_dot(x, q, scales, sizes, INT4_GROUP_SIZE), x)
+    return (*vjp(g), None, None, None)
+
+
+_reference_grad.defvjp(_reference_grad_fwd, _reference_grad_bwd)
+
+
 def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, interpret: bool) -> jax.Array:
     """:func:`swiglu_grouped` for INT4 experts through one kernel."""
     if kernel == "xla":
@@ -269,10 +289,11 @@ def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, interp
         h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
         h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
         return grouped_matmul(h, w["down_proj"], sizes, used)
-    fused = int4_grouped_matmul if kernel == "pallas" else int4_grouped_matmul_tpu
+    fused = functools.partial(int4_grouped_matmul if kernel == "pallas" else int4_grouped_matmul_tpu,
+                              interpret=interpret)
 
     def matmul(x, proj):
-        return fused(x, proj["q"], proj["scales"], sizes, interpret=interpret)
+        return _reference_grad(fused, x, proj["q"], proj["scales"], sizes)
 
     return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
 

@@ -27,9 +27,9 @@ def test_prompt_tokens_are_masked():
     assert float(n) == 1 and float(loss) == pytest.approx(np.log(2))
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_a_few_steps_reduce_the_loss(model, batch, name):
-    trainer = Trainer(model, OptimizerConfig(name=name, learning_rate=3e-3), StepConfig(remat=True))
+def test_a_few_steps_reduce_the_loss(model, batch):
+    """AdamW with rematerialized layers (Muon's loss falls in the resume test)."""
+    trainer = Trainer(model, OptimizerConfig(name="adamw", learning_rate=3e-3), StepConfig(remat=True))
     losses = [trainer.step(batch)["loss"] for _ in range(6)]
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -85,7 +85,8 @@ def test_resume_continues_bit_for_bit(model, tmp_path, make_batch):
 
     config = (OptimizerConfig(name="muon", learning_rate=3e-3, warmup_steps=2, decay_steps=4), StepConfig(qk_clip=5.0))
     whole = Trainer(model, *config)
-    fit(whole, batch_at, 4, progress=False)
+    losses = [r["loss"] for r in fit(whole, batch_at, 4, log_every=1, progress=False)]
+    assert losses[-1] < losses[0], losses  # Muon, with QK-clip
     first = Trainer(model, *config)
     fit(first, batch_at, 2, out=tmp_path, progress=False)
     assert latest_step(tmp_path) == 2
@@ -98,9 +99,9 @@ def test_resume_continues_bit_for_bit(model, tmp_path, make_batch):
     assert len(lines) == 3 and all('"loss"' in line for line in lines)  # steps 2 (logged at the end), 3, 4
 
 
-@pytest.mark.parametrize("expert_format", ["dense", "int4"])
-def test_lora_leaves_frozen_weights_untouched(batch, expert_format, make_model):
-    model = make_model(expert_format)
+def test_lora_leaves_frozen_weights_untouched(batch, make_model):
+    """Dense weights (attention, shared and dense MLPs, router) and INT4 routed experts alike."""
+    model = make_model("int4")
     trainer = Trainer(model, OptimizerConfig(learning_rate=1e-2), StepConfig(bias_update_rate=0), lora=4)
     losses = [trainer.step(batch)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0]

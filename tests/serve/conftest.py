@@ -15,8 +15,8 @@ from kimi_jax.testing.demo import (
     write_tokenizer,
 )
 
-MAX_SLOTS = 4
-MAX_LENGTH = 1024
+SHAPE = {"max_slots": 4, "max_length": 1024, "prefill_chunk": 32, "cache_dtype": "float32"}
+"""The served engine's shapes (engines of the same shapes in the tests compile nothing new)."""
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +38,14 @@ def model(checkpoint):
 
 
 @pytest.fixture(scope="session")
+def shape() -> dict:
+    return dict(SHAPE)
+
+
+@pytest.fixture(scope="session")
 def served(model, checkpoint):
     """(base URL, app) of a server on a free loopback port, up for the whole session."""
-    app = create_app(model, Tokenizer.from_dir(checkpoint), max_slots=MAX_SLOTS, max_length=MAX_LENGTH,
-                     prefill_chunk=32, max_queue=32, cache_dtype="float32")
+    app = create_app(model, Tokenizer.from_dir(checkpoint), max_queue=32, **SHAPE)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,9 +1,7 @@
 """Token constraints in the engine: masks applied on the device, per slot, without
 disturbing the other requests or compiling after warm-up."""
 
-import jax.numpy as jnp
 import numpy as np
-from serve.conftest import MAX_LENGTH, MAX_SLOTS
 
 from kimi_jax.inference.engine import Engine
 
@@ -25,10 +23,9 @@ class Forced:
         self.seen.append(token)
 
 
-def test_constrained_and_free_requests_together(model):
+def test_constrained_and_free_requests_together(model, shape):
     vocab = model.config.text.vocab_size
-    # the served engine's shapes: the session compiles its steps once
-    engine = Engine(model, max_slots=MAX_SLOTS, max_length=MAX_LENGTH, prefill_chunk=32, cache_dtype=jnp.float32)
+    engine = Engine(model, **shape)  # the served engine's shapes: the session compiles its steps once
     prompts = [[5, 9, 300, 41], [7, 7, 7], [100, 200, 300, 400, 500, 17]]
     alone = []
     for prompt in prompts:

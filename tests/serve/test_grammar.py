@@ -32,6 +32,14 @@ def json_schema(node):
     return out
 
 
+def without_descriptions(node):
+    if isinstance(node, dict):
+        return {k: without_descriptions(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [without_descriptions(v) for v in node]
+    return node
+
+
 @pytest.fixture(scope="module")
 def grammar(tokenizer):
     return ToolGrammar(tokenizer)
@@ -62,13 +70,16 @@ def grammar_closers(grammar):
     tok = grammar.tokenizer
     out = np.zeros(grammar.vocab_size, bool)
     for t in range(grammar.vocab_size):
-        out[t] = t >= tok.num_base_tokens or tok.decode_bytes([t]) in [bytes([c]) for c in b'"}],0123456789']
+        out[t] = t >= tok.num_base_tokens or tok.decode_bytes([t]) in [bytes([c]) for c in b'"}]0123456789']
     return out
 
 
 def test_forced_calls_valid_over_bfcl_schemas(grammar, tokenizer, fixtures):
     functions = json.loads(gzip.decompress((fixtures / "bfcl" / "functions.json.gz").read_bytes()))
     assert len(functions) > 3000
+    # descriptions do not reach the grammar: one trial per function name and schema less its descriptions
+    functions = list({json.dumps([f["name"], without_descriptions(f["parameters"])], sort_keys=True): f
+                      for f in functions}.values())
     rng = np.random.default_rng(0)
     closers = grammar_closers(grammar)
     refused = set()
@@ -87,7 +98,7 @@ def test_forced_calls_valid_over_bfcl_schemas(grammar, tokenizer, fixtures):
         stream.close()
         [call] = stream.calls
         assert call.complete and call.name == fn["name"] and call.id.startswith(f"functions.{fn['name']}:")
-        jsonschema.validate(json.loads(call.arguments), schema)
+        jsonschema.Draft202012Validator(schema).validate(json.loads(call.arguments))  # (no metaschema check)
     assert refused == UNSATISFIABLE
 
 

@@ -11,13 +11,11 @@ import time
 import urllib.error
 import urllib.request
 
-import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serve.conftest import MAX_LENGTH, MAX_SLOTS
 
 import kimi_jax
 from kimi_jax.chat.tokenizer import Tokenizer
@@ -48,9 +46,9 @@ def send(url, body=None, raw=None):
 
 
 @pytest.fixture(scope="module")
-def engine(model):
+def engine(model, shape):
     """An engine of the server's shapes (so it compiles nothing new), for the expected outputs."""
-    return Engine(model, max_slots=MAX_SLOTS, max_length=MAX_LENGTH, prefill_chunk=32, cache_dtype=jnp.float32)
+    return Engine(model, **shape)
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +202,11 @@ def test_concurrent_streams_equal_alone(served, client):
     assert len(set(together)) > 1
 
 
-def test_disconnect_frees_the_slot(served):
+def test_disconnect_frees_the_slot(served, shape):
     base, app = served
     worker = app.state.server.worker
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story"}], "stream": True,
-            "max_tokens": MAX_LENGTH, "temperature": 1.0}
+            "max_tokens": shape["max_length"], "temperature": 1.0}
     host, port = base.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
@@ -280,4 +278,3 @@ def test_completions_equal_the_engine(served, client, engine, checkpoint):
     assert "".join(pieces) == reply.choices[0].text
     with pytest.raises(openai.BadRequestError, match="echo is not supported"):
         client.completions.create(model=MODEL, prompt=prompt, echo=True)
-    assert MAX_SLOTS == served[1].state.server.worker.engine.max_slots

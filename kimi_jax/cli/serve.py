@@ -18,6 +18,7 @@ def port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    import jax
     import uvicorn
 
     import kimi_jax
@@ -26,6 +27,9 @@ def run(args: argparse.Namespace) -> None:
     from kimi_jax.inference.generate import generation_stop_ids
     from kimi_jax.serve import create_app
 
+    if jax.process_count() > 1:
+        raise ValueError("serve runs in one process (one engine thread answers the requests); "
+                         "use a mesh of this host's devices")
     checkpoint = args.checkpoint
     checkpoint_info(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint, required=True)

@@ -77,6 +77,7 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
+    top_k: int | None = None
 
 
 class ChatRequest(_Common):
@@ -103,6 +104,8 @@ def _check_common(body: _Common, max_new: int | None) -> None:
         raise APIError(400, f"temperature must be >= 0, got {body.temperature}", param="temperature")
     if body.top_p is not None and not 0 < body.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", param="top_p")
+    if body.top_k is not None and body.top_k < 0:
+        raise APIError(400, f"top_k must be >= 0 (0 = off), got {body.top_k}", param="top_k")
     if max_new is not None and max_new < 1:
         raise APIError(400, f"max_tokens must be >= 1, got {max_new}", param="max_tokens")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -189,13 +192,13 @@ class Server:
 
     # ---- running a job
 
-    def submit(self, ids: list[int], *, max_new: int, temperature: float, top_p: float, seed: int | None,
-               media: tuple | None = None, constraint=None) -> Job:
+    def submit(self, ids: list[int], *, max_new: int, temperature: float, top_p: float, top_k: int | None,
+               seed: int | None, media: tuple | None = None, constraint=None) -> Job:
         job = Job(None, asyncio.get_running_loop())
 
         def start(engine: Engine):
             return engine.submit(
-                ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k or 0,
                 seed=seed if seed is not None else int(uuid.uuid4().int % 2**32), stop_ids=self.stop_ids,
                 on_token=lambda t: job.push("token", t), constraint=constraint,
                 pixel_values=None if media is None else media[0], grid_thws=None if media is None else media[1],
@@ -343,7 +346,7 @@ def create_app(
         ids, media = await run_in_threadpool(server.encode_chat, body, thinking)
         budget = server.check_length(ids, max_new)
         job = server.submit(
-            ids, max_new=budget, seed=body.seed, media=media, constraint=constraint,
+            ids, max_new=budget, seed=body.seed, media=media, constraint=constraint, top_k=body.top_k,
             temperature=defaults.temperature if body.temperature is None else body.temperature,
             top_p=defaults.top_p if body.top_p is None else body.top_p,
         )
@@ -364,7 +367,8 @@ def create_app(
                     break
                 count += 1
                 stream.feed(value)
-                if stream.stopped:
+                if stream.stopped:  # a stop string: the rest is not needed
+                    server.worker.cancel(job)
                     break
             stream.close()
             message: dict[str, Any] = {"role": "assistant", "content": stream.content or (None if stream.calls else "")}
@@ -397,7 +401,8 @@ def create_app(
                 count += 1
                 for piece in _delta_json(stream.feed(value)):
                     yield chunk(piece)
-                if stream.stopped:
+                if stream.stopped:  # a stop string: the rest is not needed
+                    server.worker.cancel(job)
                     break
             for piece in _delta_json(stream.close()):
                 yield chunk(piece)
@@ -431,7 +436,7 @@ def create_app(
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         budget = server.check_length(ids, max_new)
-        job = server.submit(ids, max_new=budget, seed=body.seed,
+        job = server.submit(ids, max_new=budget, seed=body.seed, top_k=body.top_k,
                             temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p)
         server.requests.labels("/v1/completions", "200").inc()
@@ -449,6 +454,7 @@ def create_app(
                 if kind == "token":
                     yield "text", stream.feed(value).content
                     if stream.stopped:
+                        server.worker.cancel(job)
                         yield "done", "stop"
                         return
                 else:

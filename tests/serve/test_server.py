@@ -120,6 +120,19 @@ def test_chat_equals_generate_and_stream_equals_whole(client, model, engine, che
     assert usage.completion_tokens == len(result.token_ids)
 
 
+def test_stop_strings(client):
+    """A stop string ends the content before it, finish_reason stop, streamed or not."""
+    whole = chat(client, "Hello Kimi", max_tokens=24, temperature=0, extra_body=INSTANT).choices[0].message.content
+    assert len(whole) > 6
+    stop = whole[3:6]
+    cut = chat(client, "Hello Kimi", max_tokens=24, temperature=0, stop=[stop], extra_body=INSTANT)
+    assert cut.choices[0].message.content == whole[: whole.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    _, content, _, finish, _ = streamed(client, "Hello Kimi", max_tokens=24, temperature=0, stop=stop,
+                                        extra_body=INSTANT)
+    assert (content, finish) == (whole[: whole.index(stop)], "stop")
+
+
 def test_moonshot_thinking_switch(client):
     a = chat(client, "hi", max_tokens=8, temperature=0, extra_body={"thinking": {"type": "disabled"}})
     b = chat(client, "hi", max_tokens=8, temperature=0, extra_body=INSTANT)
@@ -240,6 +253,7 @@ def test_busy_and_stopped_engine(served, client, monkeypatch):
     ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"n": 2}, "n must be 1"),
+    ({"top_k": -1}, "top_k must be >= 0"),
     ({"max_tokens": 0}, "max_tokens must be >= 1"),
     ({"presence_penalty": 0.5}, "presence_penalty is not supported"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),

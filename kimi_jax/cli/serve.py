@@ -34,9 +34,6 @@ def run(args: argparse.Namespace) -> None:
     checkpoint_info(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint, required=True)
     model = kimi_jax.load(checkpoint, dtype=args.dtype, mesh=args.mesh)
-    context = model.config.text.max_position_embeddings
-    if args.max_length > context:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's context ({context} tokens)")
     app = create_app(
         model, tokenizer, served_model_name=args.served_model_name, max_slots=args.max_slots,
         max_length=args.max_length, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,

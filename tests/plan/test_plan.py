@@ -13,7 +13,8 @@ from kimi_jax.parallel.layout import load_layout, packaged_layouts
 from kimi_jax.plan import Request, find_hardware, kv_bytes_per_token, plan
 
 K25 = str(builtin_config_dir("kimi-k2.5") / "config.json")
-HARDWARE = {"cpu-8": "h100", "gpu-1": "h200", "gpu-2": "h200", "gpu-8": "h200", "tpu-v5p-64": "tpu-v5p"}
+HARDWARE = {"cpu-8": "h100", "gpu-1": "h200", "gpu-2": "h200", "gpu-8": "h200", "tpu-v5p-64": "tpu-v5p",
+            "tpu-v6e-64": "tpu-v6e", "tpu-v5e-256": "tpu-v5e"}
 
 
 @pytest.fixture(scope="module")

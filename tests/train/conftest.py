@@ -48,19 +48,3 @@ def make_model():
 def make_batch():
     return tiny_batch
 
-
-@pytest.fixture(scope="package", autouse=True)
-def shared_compilations(tmp_path_factory):
-    """Train steps of equal shapes and configs compile once: each Trainer jits its own step,
-    so the tests share XLA's persistent compilation cache (restored afterwards)."""
-    import jax
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in before.items():
-        jax.config.update(n, v)

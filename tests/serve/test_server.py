@@ -219,7 +219,7 @@ def test_disconnect_frees_the_slot(served, shape):
     base, app = served
     worker = app.state.server.worker
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story"}], "stream": True,
-            "max_tokens": shape["max_length"], "temperature": 1.0}
+            "max_tokens": shape["max_length"], "temperature": 1.0, "seed": 0}  # seeded: never a stop id this early
     host, port = base.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
@@ -228,7 +228,7 @@ def test_disconnect_frees_the_slot(served, shape):
     assert received[0].startswith(b"data: ")
     assert worker.load()[0] == 1
     connection.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # generous: a loaded CI machine
     while worker.load()[0] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker.load() == (0, 0)

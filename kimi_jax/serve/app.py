@@ -241,6 +241,38 @@ class Server:
             self.worker.cancel(job)
 
 
+async def _decoded(server, job: Job, request: Request, stream: OutputStream) -> AsyncIterator[tuple[str, Any]]:
+    """The job's tokens through ``stream``: ``("delta", what the token added)`` for each, then
+    ``("done", the engine's finish reason)`` or ``("error", message)``; a stop string ends it
+    early (``("done", None)``) and cancels the job, whose remaining tokens are not needed."""
+    async for kind, value in server.events(job, request):
+        if kind != "token":
+            yield kind, value
+            return
+        yield "delta", stream.feed(value)
+        if stream.stopped:
+            server.worker.cancel(job)
+            yield "done", None
+            return
+
+
+async def _collect(decoded: AsyncIterator[tuple[str, Any]]) -> tuple[int, str | None]:
+    """Runs :func:`_decoded` to its end for a non-streaming reply: (tokens, finish reason);
+    an engine error becomes a 503."""
+    count = 0
+    async for kind, value in decoded:
+        if kind == "error":
+            raise APIError(503, value, retry_after=5)
+        if kind == "done":
+            return count, value
+        count += 1
+    return count, None
+
+
+def _sse_error(message: str) -> str:
+    return _sse({"error": {"message": message, "type": "service_unavailable", "code": 503}})
+
+
 def _finish_reason(stream: OutputStream, engine_reason: str | None) -> str:
     if stream.calls and engine_reason != "length":
         return "tool_calls"
@@ -358,18 +390,7 @@ def create_app(
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
         if not body.stream:
-            count, reason = 0, None
-            async for kind, value in server.events(job, request):
-                if kind == "error":
-                    raise APIError(503, value, retry_after=5)
-                if kind == "done":
-                    reason = value
-                    break
-                count += 1
-                stream.feed(value)
-                if stream.stopped:  # a stop string: the rest is not needed
-                    server.worker.cancel(job)
-                    break
+            count, reason = await _collect(_decoded(server, job, request, stream))
             stream.close()
             message: dict[str, Any] = {"role": "assistant", "content": stream.content or (None if stream.calls else "")}
             if stream.reasoning:
@@ -391,19 +412,16 @@ def create_app(
         async def sse():
             yield chunk({"role": "assistant", "content": ""})
             count, reason = 0, None
-            async for kind, value in server.events(job, request):
+            async for kind, value in _decoded(server, job, request, stream):
                 if kind == "error":
-                    yield _sse({"error": {"message": value, "type": "service_unavailable", "code": 503}})
+                    yield _sse_error(value)
                     return
                 if kind == "done":
                     reason = value
                     break
                 count += 1
-                for piece in _delta_json(stream.feed(value)):
+                for piece in _delta_json(value):
                     yield chunk(piece)
-                if stream.stopped:  # a stop string: the rest is not needed
-                    server.worker.cancel(job)
-                    break
             for piece in _delta_json(stream.close()):
                 yield chunk(piece)
             yield chunk({}, _finish_reason(stream, reason))
@@ -449,18 +467,6 @@ def create_app(
         def usage(n: int) -> dict[str, int]:
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
-        async def pieces() -> AsyncIterator[tuple[str, Any]]:
-            async for kind, value in server.events(job, request):
-                if kind == "token":
-                    yield "text", stream.feed(value).content
-                    if stream.stopped:
-                        server.worker.cancel(job)
-                        yield "done", "stop"
-                        return
-                else:
-                    yield kind, value
-                    return
-
         def body_of(text: str, reason: str | None, n: int | None = None) -> dict[str, Any]:
             out = {"id": reply_id, "object": "text_completion", "created": created, "model": server.name,
                    "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
@@ -469,14 +475,7 @@ def create_app(
             return out
 
         if not body.stream:
-            count, reason = 0, None
-            async for kind, value in pieces():
-                if kind == "error":
-                    raise APIError(503, value, retry_after=5)
-                if kind == "done":
-                    reason = value
-                    break
-                count += 1
+            count, reason = await _collect(_decoded(server, job, request, stream))
             stream.close()
             return body_of(stream.content, finish(reason), count)
 
@@ -484,16 +483,16 @@ def create_app(
 
         async def sse():
             count, reason = 0, None
-            async for kind, value in pieces():
+            async for kind, value in _decoded(server, job, request, stream):
                 if kind == "error":
-                    yield _sse({"error": {"message": value, "type": "service_unavailable", "code": 503}})
+                    yield _sse_error(value)
                     return
                 if kind == "done":
                     reason = value
                     break
                 count += 1
-                if value:
-                    yield _sse(body_of(value, None))
+                if value.content:
+                    yield _sse(body_of(value.content, None))
             rest = stream.close().content
             yield _sse(body_of(rest, finish(reason)))
             if include_usage:

@@ -1,7 +1,8 @@
-"""The demo's tiny random K2.5 checkpoint, complete with a tokenizer and the chat template,
-and a synthetic picture to ask it about.
+"""The demo's models: the trained calculator model shipped with the package, and tiny random
+K2.5 checkpoints complete with a tokenizer and the chat template; and a synthetic picture.
 
-``kimi-jax demo`` writes them, converts the checkpoint and generates from it. The tokenizer is a small
+``kimi-jax demo`` converts the trained model, chats with it and runs it as an agent. The
+random checkpoints serve the tests and notebooks. The tokenizer is a small
 byte-level tiktoken vocabulary laid out like Kimi's: base ranks (the 256 bytes, then merges
 of common English pieces), followed by the 256 special ids, named as in the real
 ``tokenizer_config.json``. ``k25_config`` keeps the special ids at the same distance from
@@ -27,6 +28,12 @@ from kimi_jax.testing.synthetic import (
     k25_config,
     write_checkpoint,
 )
+
+CALCULATOR_MODEL = Path(__file__).parent / "calculator"
+"""The embedded default model, in the official Hugging Face layout: a small K2.5-architecture
+model (MLA, 16 routed + 1 shared experts, the demo's tokenizer) trained by the ``calculator``
+recipe (``kimi-jax train --recipe calculator``) to answer arithmetic and unit questions
+with the ``calculator`` tool in Thinking and Instant mode. Its tiny MoonViT is untrained."""
 
 DEMO_VOCAB_SIZE = 640
 """The demo's vocabulary: 256 bytes + 128 merges + 256 special ids."""

@@ -31,6 +31,16 @@ TOOLS = [{
     },
 }]
 CALL_ID = "functions.calculator:0"
+
+
+def tool():
+    """The agents' built-in ``calculator`` (``kimi_jax.agents.calculator``) under the shorter
+    declaration of :data:`TOOLS` that the recipe's model was trained with."""
+    from kimi_jax.agents import calculator
+    from kimi_jax.agents.tools import Tool
+
+    declaration = TOOLS[0]["function"]
+    return Tool(declaration["name"], declaration["description"], declaration["parameters"], calculator.function)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _SYMBOLS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
 UNITS = (  # from, to, operator, factor
@@ -147,7 +157,7 @@ def training_questions(rng: random.Random, n: int, exclude: set[str]) -> list[Qu
     return out
 
 
-def accuracy(model, tokenizer, questions: Sequence[Question], *, thinking: bool, max_new_tokens: int = 64,
+def accuracy(model, tokenizer, questions: Sequence[Question], *, thinking: bool, max_new_tokens: int = 192,
              engine=None) -> tuple[float, list[dict]]:
     """The share of ``questions`` answered right with the tool, greedy: the model's tool
     call is parsed and executed with :func:`evaluate`, its result given back, and the final
@@ -164,7 +174,9 @@ def accuracy(model, tokenizer, questions: Sequence[Question], *, thinking: bool,
         calls = reply.parsed.tool_calls
         if calls and calls[0].name == "calculator":
             try:
-                expression = (calls[0].arguments or {})["expression"]
+                if calls[0].error:
+                    raise ValueError(calls[0].error)
+                expression = calls[0].arguments["expression"]
                 record["expression"] = expression
                 record["result"] = format_number(evaluate(str(expression)))
             except (ValueError, KeyError) as e:

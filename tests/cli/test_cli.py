@@ -33,6 +33,13 @@ def test_demo_writes_a_working_checkpoint(demo, model):
     assert len(result.token_ids) >= 1 and result.text and len(result.prompt_ids) > 3
 
 
+def test_demo_agent_answers_with_the_calculator(demo):
+    _, out = demo
+    assert out.count("[answer: 2 steps, 1 tool calls") == 2  # both modes: a call, its result, the answer
+    assert '[agent step 0: call calculator] {"expression": "37 * 12"}' in out
+    assert "37 times 12 is 444." in out and "250 centimeters is 2.5 meters." in out
+
+
 def _printed(parsed) -> str:
     """What the reply printer shows for a parsed reply (not on a terminal)."""
     calls = "".join(f"{c.name} {c.raw_arguments}" + (f"  ({c.error})" if c.error else "") + "\n"

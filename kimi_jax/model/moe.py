@@ -7,10 +7,12 @@ The routed experts have two implementations sharing one router:
   memory-hungry; the yardstick the other path is tested against.
 - ``grouped``: token copies sorted by expert, one grouped matmul per projection over the
   contiguous groups (:func:`swiglu_grouped`), unsorted and combined. The production path.
+  Dense experts use ``kimi_jax.kernels.grouped.ragged_dot`` (tokamax's kernels on GPUs and
+  TPUs, XLA's ``ragged_dot`` elsewhere, chosen when the step is lowered).
   INT4 experts use a fused kernel where the platform has one: the Pallas Triton kernel on
   GPUs (``kimi_jax.kernels.int4_grouped``: int4 values and scales read once, dequantized in
   registers), the Pallas Mosaic kernel on TPUs (``kimi_jax.kernels.int4_grouped_tpu``:
-  dequantized in VMEM), XLA elsewhere (dequantize, then ``ragged_dot``). The platform is
+  dequantized in VMEM), XLA elsewhere (dequantize, then that grouped matmul). The platform is
   chosen when the step is lowered (``jax.lax.platform_dependent``), so one traced step
   exports for TPU, GPU and CPU alike. ``grouped-pallas`` / ``grouped-pallas-tpu`` /
   ``grouped-xla`` choose explicitly (a kernel off its platform runs in Pallas' interpreter:
@@ -39,6 +41,7 @@ from flax import nnx, traverse_util
 
 from kimi_jax.config.model import TextConfig
 from kimi_jax.kernels import int4_grouped
+from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.model.layers import Buffer, Quantized, weight
@@ -48,7 +51,7 @@ from kimi_jax.quant.formats import dequantize, int4_ragged_dot
 
 MOE_IMPLS = ("grouped", "grouped-xla", "grouped-pallas", "grouped-pallas-tpu", "reference")
 INT4_KERNELS = {
-    "xla": "dequantize in HBM, then jax.lax.ragged_dot",
+    "xla": "dequantize in HBM, then the grouped matmul of kimi_jax.kernels.grouped",
     "pallas": "Pallas Triton kernel, kimi_jax.kernels.int4_grouped (GPUs)",
     "pallas-tpu": "Pallas Mosaic kernel, kimi_jax.kernels.int4_grouped_tpu (TPUs)",
 }
@@ -200,7 +203,7 @@ def grouped_matmul(
         x, q, scales = jax.lax.optimization_barrier((x, q, scales))
         return int4_ragged_dot(x, q, scales, group_sizes, INT4_GROUP_SIZE)
     w = proj if experts is None else proj[experts]
-    return jax.lax.ragged_dot(x, w, group_sizes)
+    return ragged_dot(x, w, group_sizes)
 
 
 def _experts_in_use(sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Array | None]:
@@ -302,13 +305,13 @@ def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> j
     """SwiGLU of ``rows`` [M, D] grouped contiguously by expert (``sizes`` [E] rows each)
     through the experts' raw weights ``w`` (``nnx.state(experts).to_pure_dict()``) -> [M, D].
 
-    Dense experts always use ``ragged_dot``. INT4 experts use ``kernel`` (:func:`int4_kernel`):
-    ``"auto"`` is chosen per platform when the step is lowered (``jax.lax.platform_dependent``,
-    with :func:`lowered_int4_kernel`'s choice for each); a Pallas kernel runs compiled on its
-    platform and in Pallas' interpreter elsewhere. The Pallas kernels read only the experts
-    with rows, in one launch per projection. With ``"xla"`` and fewer rows than experts
-    (decoding), the experts in use are gathered first (at most M, padded with empty groups),
-    so only those are dequantized.
+    Dense experts always use ``kimi_jax.kernels.grouped.ragged_dot`` (backend ``auto``). INT4
+    experts use ``kernel`` (:func:`int4_kernel`): ``"auto"`` is chosen per platform when the
+    step is lowered (``jax.lax.platform_dependent``, with :func:`lowered_int4_kernel`'s choice
+    for each); a Pallas kernel runs compiled on its platform and in Pallas' interpreter
+    elsewhere. The Pallas kernels read only the experts with rows, in one launch per
+    projection. With ``"xla"`` and fewer rows than experts (decoding), the experts in use are
+    gathered first (at most M, padded with empty groups), so only those are dequantized.
     """
     if not isinstance(w["gate_proj"], dict):
         h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes))

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.kernels.grouped import ragged_dot
+
 _NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 _SCALE_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 _FP8_SCALE_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
@@ -328,14 +330,11 @@ def int4_ragged_dot(
     q ``[E, out, in]``, scales ``[E, out, in/group]``, ``group_sizes`` ``[E]`` rows per
     expert (as ``jax.lax.ragged_dot``) -> ``[M, out]`` in x's dtype, float32 accumulation.
     Every expert given is dequantized (to one ``[E, out, in]`` array in x's dtype), so pass
-    only the experts in use when they are few.
+    only the experts in use when they are few. The grouped matmul is
+    ``kimi_jax.kernels.grouped.ragged_dot`` (tokamax on GPUs and TPUs, XLA elsewhere).
     """
     w = dequantize(q, scales, group_size, x.dtype)
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
-    )
-    y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return ragged_dot(x, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
 # ---------------------------------------------------------------------------- FP8 blocks (host)

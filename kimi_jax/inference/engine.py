@@ -8,13 +8,18 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 2. dispatches one decode step for every running slot: the next token of each is sampled
    on the device with the slot's own temperature, top-p, top-k and seed, and stop ids and
    token budgets are applied there, so a finished slot stops without the host;
-3. dispatches one prefill chunk of the oldest admitted request (its last chunk samples the
-   request's first token), so running sequences keep producing tokens while a prompt is read;
+3. dispatches one prefill chunk of each of the oldest admitted requests (up to
+   ``prefill_rows``; a last chunk samples its request's first token), so running sequences
+   keep producing tokens while prompts are read;
 4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
-Shapes are fixed per engine (slots, cache length, chunk), so after the first decode and
-prefill steps no text request compiles anything. Media: the vision tower runs outside the
-steps and still compiles once per image grid and padded prompt length.
+**Compilation.** Shapes are fixed per engine (slots, cache length, chunk), the steps take
+numpy arrays of fixed dtypes, and every step returns the slot state in the shardings it
+takes, so each step compiles once. :meth:`Engine.warm_up` (run by the first step) compiles
+them all: afterwards no request compiles anything, whatever its prompt length, sampling
+settings, seed, stop ids, budget or reused prefix. Media: the vision tower runs outside the
+steps and compiles once per set of image grids; the prefill step splices its features into
+the chunks' embeddings.
 
 **Prefix reuse.** The engine remembers which tokens each slot's cache holds (the prompt
 and the fed tokens of its last request). A new request takes the free slot whose cache
@@ -49,13 +54,14 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.inference.sampling import sample_rows
-from kimi_jax.inference.steps import embed_step, key_block_for
+from kimi_jax.inference.steps import key_block_for
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.cache import KVCache
 from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi, media_grids
 from kimi_jax.model.mla import absorbed_is_cheaper
-from kimi_jax.parallel.placement import to_host
+from kimi_jax.model.vision import Grid, project_media
+from kimi_jax.parallel.placement import Parallel, to_host
 
 MAX_STOP_IDS = 16
 """Stop ids a request may give (the slot state holds a fixed-size row of them)."""
@@ -137,6 +143,15 @@ def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Ar
     return slots, jnp.where(emitting, tokens, -1), finished
 
 
+def _placed(slots: SlotState, parallel: Parallel | None) -> SlotState:
+    """``slots`` with every array split over the batch axes by its slot axis, as
+    ``Parallel.place_batch`` placed them: each step returns the state in the shardings it
+    takes, so no step meets a state it was not compiled for."""
+    if parallel is None:
+        return slots
+    return jax.tree.map(lambda a: parallel.constrain(a, ("batch",) + (None,) * (a.ndim - 1)), slots)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "key_block"), donate_argnames="slots")
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, *, key_block: int):
     """One token for every active slot: fed, attended, sampled. Returns (state, tokens [S], finished [S])."""
@@ -145,64 +160,102 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, *, k
         slots.last[:, None], slots.active.astype(jnp.int32), slots.cache, absorbed=True, key_block=key_block
     )
     rows = jnp.arange(slots.active.shape[0])
-    return _emit(dataclasses.replace(slots, cache=cache), logits, rows, slots.active)
+    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, slots.active)
+    return _placed(slots, model.parallel), tokens, finished
 
 
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="slots"
 )
 def prefill_step(
-    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array, ids: jax.Array | None,
-    embeds: jax.Array | None, counts: jax.Array, final: jax.Array, *, absorbed: bool, key_block: int,
+    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array, ids: jax.Array,
+    media: tuple[tuple[jax.Array, ...], jax.Array] | None, counts: jax.Array, final: jax.Array, *, absorbed: bool,
+    key_block: int,
 ):
-    """Appends ``counts[i]`` tokens (``ids`` [P, T] or ``embeds`` [P, T, D]) to the cache of
-    slot ``rows[i]`` (distinct slots; a row with count 0 is left as it is); a row whose
-    ``final`` chunk this is samples its request's first token. Returns (state, tokens [S],
-    finished [S]), -1 / False for the slots that emitted nothing."""
+    """Appends ``counts[i]`` tokens of ``ids`` [P, T] to the cache of slot ``rows[i]``
+    (distinct slots; a row with count 0 is left as it is); a row whose ``final`` chunk this is
+    samples its request's first token. ``media`` (None: no media) is P feature arrays [T, D]
+    and a mask [P, T]: where the mask holds, the features replace the tokens' embeddings.
+    Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
     model = nnx.merge(graphdef, state)
+    embeds = None
+    if media is not None:
+        features, is_media = media
+        embeds = model.embed(ids)
+        embeds = jnp.where(is_media[..., None], jnp.stack(features).astype(embeds.dtype), embeds)
+        ids = None
     sub = jax.tree.map(lambda a: a[rows], slots.cache)
     logits, sub = model.extend(ids, counts, sub, absorbed=absorbed, key_block=key_block, inputs_embeds=embeds)
     cache = jax.tree.map(lambda a, r: a.at[rows].set(r), slots.cache, sub)
     slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, final)
     S = slots.active.shape[0]
-    return (slots, jnp.full((S,), -1, jnp.int32).at[rows].set(tokens),
+    return (_placed(slots, model.parallel), jnp.full((S,), -1, jnp.int32).at[rows].set(tokens),
             jnp.zeros((S,), bool).at[rows].set(finished))
 
 
-@functools.partial(jax.jit, donate_argnames="slots")
-def admit_step(slots: SlotState, slot, length, budget, stops, temperature, top_p, top_k, keys) -> SlotState:
-    """Prepares slot ``slot`` for a new request whose first ``length`` tokens are cached already."""
+@functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
+def admit_step(
+    slots: SlotState, slot, length, budget, stops, temperature, top_p, top_k, keys, *, parallel: Parallel | None = None
+) -> SlotState:
+    """Prepares slot ``slot`` for a new request whose first ``length`` tokens are cached already
+    (``parallel``: the model's, for the state's shardings)."""
     cache = dataclasses.replace(slots.cache, lengths=slots.cache.lengths.at[slot].set(length))
-    return dataclasses.replace(
+    return _placed(dataclasses.replace(
         slots, cache=cache, active=slots.active.at[slot].set(False), produced=slots.produced.at[slot].set(0),
         budget=slots.budget.at[slot].set(budget), stops=slots.stops.at[slot].set(stops),
         temperature=slots.temperature.at[slot].set(temperature), top_p=slots.top_p.at[slot].set(top_p),
         top_k=slots.top_k.at[slot].set(top_k), keys=slots.keys.at[slot].set(keys),
-    )
+    ), parallel)
 
 
-@functools.partial(jax.jit, donate_argnames="slots")
-def deactivate_step(slots: SlotState, slot: jax.Array) -> SlotState:
+@functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
+def deactivate_step(slots: SlotState, slot: jax.Array, *, parallel: Parallel | None = None) -> SlotState:
     """Stops slot ``slot`` from decoding (a cancelled request)."""
-    return dataclasses.replace(slots, active=slots.active.at[slot].set(False))
+    return _placed(dataclasses.replace(slots, active=slots.active.at[slot].set(False)), parallel)
 
 
-@functools.partial(jax.jit, donate_argnames="slots")
-def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array) -> SlotState:
+@functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
+def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array, *, parallel: Parallel | None = None) -> SlotState:
     """Copies slot ``src``'s cached latents into slot ``dst`` (for a shared prefix)."""
     layers = tuple(
         jax.tree.map(lambda a: a.at[dst].set(a[src]), layer) for layer in slots.cache.layers
     )
-    return dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers))
+    return _placed(dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers)), parallel)
 
 
-@functools.partial(jax.jit, donate_argnames="slots")
-def mask_step(slots: SlotState, allowed: jax.Array) -> SlotState:
+@functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
+def mask_step(slots: SlotState, allowed: jax.Array, *, parallel: Parallel | None = None) -> SlotState:
     """Replaces every slot's token bitmask."""
-    return dataclasses.replace(slots, allowed=allowed)
+    return _placed(dataclasses.replace(slots, allowed=allowed), parallel)
 
 
-_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, embed_step)
+@jax.jit
+def key_data_step(seed: jax.Array) -> jax.Array:
+    """The key data [2] (uint32) of ``jax.random.key(seed)`` for a ``seed`` (uint32), made on
+    the device by one program for every seed."""
+    return jax.random.key_data(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grids"))
+def media_step(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array, grids: tuple[Grid, ...]) -> jax.Array:
+    """The features [M, D] of the media ``grids`` for their M placeholders (vision tower and
+    projector), in the embeddings' dtype; ``graphdef`` / ``state`` are ``nnx.split`` of the
+    :class:`~kimi_jax.model.Kimi` model."""
+    model = nnx.merge(graphdef, state)
+    features = project_media(model.vision_tower, model.mm_projector, pixel_values, grids)
+    return features.astype(model.language_model.embed_tokens[...].dtype)
+
+
+@functools.partial(jax.jit, static_argnames="parallel")
+def media_rows_step(features: jax.Array, index: jax.Array, *, parallel: Parallel | None = None) -> jax.Array:
+    """Rows ``index`` [T] of ``features`` [M, D], the features of a prefill chunk's positions
+    (replicated over the mesh, as the engine's rows without media are)."""
+    rows = features[index]
+    return rows if parallel is None else jax.lax.with_sharding_constraint(rows, parallel.sharding((None, None)))
+
+
+_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
+          media_step, media_rows_step)
 
 
 def _compilations() -> int:
@@ -246,12 +299,14 @@ class Request:
 
 @dataclasses.dataclass
 class _Prefill:
-    """A request being prefilled: its slot, the next prompt position, its media embeddings."""
+    """A request being prefilled: its slot, the next prompt position and, with media, their
+    features [M, D] and the row of them each prompt position takes (-1: a token)."""
 
     request: Request
     slot: int
     cursor: int
-    embeds: jax.Array | None = None
+    features: jax.Array | None = None
+    feature_rows: np.ndarray | None = None
 
 
 class Engine:
@@ -261,7 +316,8 @@ class Engine:
     split over the layout's batch axes. ``prefill_chunk`` is the prompt tokens fed per step
     to each of up to ``prefill_rows`` requests being prefilled (their chunks run together);
     ``cache_dtype`` the cache's dtype; ``key_block`` overrides the attention key block
-    (``kimi_jax.inference.steps.key_block_for``).
+    (``kimi_jax.inference.steps.key_block_for``). The first :meth:`step` compiles every step
+    (:meth:`warm_up`).
     """
 
     def __init__(
@@ -289,7 +345,12 @@ class Engine:
         self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
         self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
-        self._slots = SlotState.create(self._empty_cache(), cfg.vocab_size)
+        self._slots = self._empty_slots()
+        self._no_media = None  # the features of a prefill row without media
+        if self.vision is not None:
+            zeros = np.zeros((self.chunk, cfg.hidden_size), model.language_model.embed_tokens[...].dtype)
+            replicated = None if self._parallel is None else self._parallel.sharding((None, None))
+            self._no_media = jax.device_put(zeros, replicated)
         self._masks = all_allowed(max_slots, cfg.vocab_size)  # what the device's slots.allowed holds
         self._masks_clear = True
         self._waiting: collections.deque[Request] = collections.deque()
@@ -301,10 +362,36 @@ class Engine:
         self._next_id = 0
         self._stats = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0}
         self._compiled_at_start = _compilations()
+        self._warm = False
 
-    def _empty_cache(self) -> KVCache:
+    def _empty_slots(self) -> SlotState:
+        """An empty slot state, split over the batch axes as the steps keep it (:func:`_placed`)."""
         cache = KVCache.create(self.config, self.max_slots, self.max_length, self._cache_dtype)
-        return cache if self._parallel is None else self._parallel.place_batch(cache)
+        slots = SlotState.create(cache, self.config.vocab_size)
+        return slots if self._parallel is None else self._parallel.place_batch(slots)
+
+    def warm_up(self) -> None:
+        """Compiles every step a request can need but the media steps (which compile once per set
+        of image grids), by running each on the empty state with arguments that change nothing
+        a request sees. The first :meth:`step` calls it; later calls do nothing.
+
+        A round of the steps is run again while it compiles something: tracing the model may
+        import a module that changes jit's cache keys (``kimi_jax.kernels.grouped`` imports
+        tokamax where first traced), and the steps traced before must then compile again."""
+        if self._warm:
+            return
+        slot = 0  # every slot is free: the first step calls this before admitting any request
+        for _ in range(3):
+            compiled = _compilations()
+            self._prepare_slot(slot, cached=0, budget=0)
+            self._slots = copy_slot_step(self._slots, np.int32(slot), np.int32(slot), parallel=self._parallel)
+            self._slots = mask_step(self._slots, self._masks, parallel=self._parallel)
+            self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
+            self._slots = decode_step(self.graphdef, self.state, self._slots, key_block=self._decode_block)[0]
+            self._prefill_chunks()  # no request: every row feeds nothing
+            if _compilations() == compiled:
+                break
+        self._warm = True
 
     # ---- requests
 
@@ -372,6 +459,7 @@ class Engine:
 
     def step(self) -> None:
         """Admit, decode the running slots, feed one prefill chunk, then read the previous step's tokens."""
+        self.warm_up()
         self._admit()
         constrained = bool(self._constrained())
         if constrained:  # the masks follow the tokens so far: read every dispatched step first
@@ -420,7 +508,7 @@ class Engine:
                 masks[slot] = 0
                 masks[slot, : len(mask)] = mask
         if not np.array_equal(masks, self._masks):
-            self._slots = mask_step(self._slots, jnp.asarray(masks))
+            self._slots = mask_step(self._slots, masks, parallel=self._parallel)
             self._masks = masks
             self._masks_clear = bool((masks == 0xFFFFFFFF).all())
 
@@ -431,23 +519,34 @@ class Engine:
             slot, prefix = self._best_free_slot(reusable)
             donor, donor_prefix = self._best_busy_slot(reusable)
             if donor is not None and donor_prefix > prefix:
-                self._slots = copy_slot_step(self._slots, jnp.int32(donor), jnp.int32(slot))
+                self._slots = copy_slot_step(self._slots, np.int32(donor), np.int32(slot), parallel=self._parallel)
                 prefix = donor_prefix
             self._free.remove(slot)
             prefix = min(prefix, len(request.prompt_ids) - 1)  # the last prompt token is always fed
             budget = min(request.max_new_tokens, self.max_length - len(request.prompt_ids) + 1)
-            stops = np.full(MAX_STOP_IDS, -1, np.int32)
-            stops[: len(request.stop_ids)] = request.stop_ids
-            key = jax.random.key_data(jax.random.key(request.seed))
-            self._slots = admit_step(
-                self._slots, jnp.int32(slot), jnp.int32(prefix), jnp.int32(budget), jnp.asarray(stops),
-                jnp.float32(request.temperature), jnp.float32(request.top_p), jnp.int32(request.top_k), key,
-            )
+            self._prepare_slot(slot, prefix, budget, request.stop_ids, request.temperature, request.top_p,
+                               request.top_k, request.seed)
             request.cached_prefix = prefix
             self._stats["reused_tokens"] += prefix
             self._cached[slot] = list(request.prompt_ids[:prefix])
-            embeds = self._media_embeddings(request) if request.media is not None else None
-            self._prefilling.append(_Prefill(request, slot, prefix, embeds))
+            job = _Prefill(request, slot, prefix)
+            if request.media is not None:
+                job.features, job.feature_rows = self._media_features(request)
+            self._prefilling.append(job)
+
+    def _prepare_slot(
+        self, slot: int, cached: int, budget: int, stop_ids: Sequence[int] = (), temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+    ) -> None:
+        """Sets slot ``slot``'s decoding state for a request whose first ``cached`` tokens are in
+        its cache (every argument a numpy value of a fixed dtype, so that one program serves all)."""
+        stops = np.full(MAX_STOP_IDS, -1, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        key = key_data_step(np.uint32(seed % 2**32))
+        self._slots = admit_step(
+            self._slots, np.int32(slot), np.int32(cached), np.int32(budget), stops, np.float32(temperature),
+            np.float32(top_p), np.int32(min(top_k, self.config.vocab_size)), key, parallel=self._parallel,
+        )
 
     def _reusable(self, tokens: Sequence[int], has_media: bool) -> list[int]:
         """The leading tokens whose cache entries another request may share (none past a media placeholder)."""
@@ -468,43 +567,41 @@ class Engine:
         best = max(busy, key=lambda s: _common_prefix(self._cached[s], prompt))
         return best, _common_prefix(self._cached[best], prompt)
 
-    def _media_embeddings(self, request: Request) -> jax.Array:
-        """The whole prompt's embeddings [1, P, D] with its media spliced in (padded so that a
-        chunk starting at any prompt position fits)."""
-        ids = np.asarray(request.prompt_ids, np.int32)
-        padded = np.zeros((1, -(-len(ids) // self.chunk) * self.chunk + self.chunk), np.int32)
-        padded[0, : len(ids)] = ids
+    def _media_features(self, request: Request) -> tuple[jax.Array, np.ndarray]:
+        """The features [M, D] of the request's media and the row of them each prompt position
+        takes (-1: a token)."""
         pixel_values, grid_thws = request.media
-        grids = media_grids(self.vision, pixel_values, grid_thws)
         graphdef, state = self._whole
-        is_media = np.zeros_like(padded, bool)
-        is_media[0, : len(ids)] = ids == self.placeholder_id
-        return embed_step(graphdef, state, padded, is_media, jnp.asarray(pixel_values), grids)
+        features = media_step(graphdef, state, pixel_values, media_grids(self.vision, pixel_values, grid_thws))
+        is_media = np.asarray(request.prompt_ids) == self.placeholder_id
+        return features, np.where(is_media, np.cumsum(is_media) - 1, -1).astype(np.int32)
 
     def _prefill_chunks(self):
-        """Feeds the next chunk of up to ``prefill_rows`` requests being prefilled (the oldest,
-        all with media or all without); those on their last chunk start decoding."""
+        """Feeds the next chunk of the oldest ``prefill_rows`` requests being prefilled; those on
+        their last chunk start decoding."""
         T, P = self.chunk, self.prefill_rows
-        media = self._prefilling[0].embeds is not None
-        jobs = [job for job in self._prefilling if (job.embeds is not None) == media][:P]
+        jobs = list(self._prefilling)[:P]
         spare = [s for s in range(self.max_slots) if s not in {job.slot for job in jobs}]
-        rows = [job.slot for job in jobs] + spare[: P - len(jobs)]  # distinct slots; spare rows feed nothing
+        rows = np.array([job.slot for job in jobs] + spare[: P - len(jobs)], np.int32)  # spare rows feed nothing
         counts = np.zeros(P, np.int32)
         final = np.zeros(P, bool)
         ids = np.zeros((P, T), np.int32)
-        embeds = jnp.zeros((P, T, self.config.hidden_size), jobs[0].embeds.dtype) if media else None
+        features, is_media = [self._no_media] * P, np.zeros((P, T), bool)
         for i, job in enumerate(jobs):
             prompt = job.request.prompt_ids
-            counts[i] = min(T, len(prompt) - job.cursor)
-            final[i] = job.cursor + counts[i] == len(prompt)
-            if media:
-                embeds = embeds.at[i].set(jax.lax.dynamic_slice_in_dim(job.embeds[0], job.cursor, T, axis=0))
-            else:
-                ids[i, : counts[i]] = prompt[job.cursor : job.cursor + counts[i]]
+            n = counts[i] = min(T, len(prompt) - job.cursor)
+            final[i] = job.cursor + n == len(prompt)
+            ids[i, :n] = prompt[job.cursor : job.cursor + n]
+            if job.features is not None:
+                index = np.full(T, -1, np.int32)
+                index[:n] = job.feature_rows[job.cursor : job.cursor + n]
+                if (index >= 0).any():
+                    is_media[i] = index >= 0
+                    features[i] = media_rows_step(job.features, np.maximum(index, 0), parallel=self._parallel)
+        media = None if self.vision is None else (tuple(features), is_media)
         self._slots, tokens, finished = prefill_step(
-            self.graphdef, self.state, self._slots, jnp.asarray(rows, jnp.int32), None if media else jnp.asarray(ids),
-            embeds, jnp.asarray(counts), jnp.asarray(final), absorbed=self._absorbed_prefill,
-            key_block=self._prefill_block,
+            self.graphdef, self.state, self._slots, rows, ids, media, counts, final,
+            absorbed=self._absorbed_prefill, key_block=self._prefill_block,
         )
         owners: list[Request | None] = [None] * self.max_slots
         for i, job in enumerate(jobs):
@@ -557,7 +654,7 @@ class Engine:
                 self._free.append(job.slot)
         for slot, running in list(self._running.items()):
             if running is request:
-                self._slots = deactivate_step(self._slots, jnp.int32(slot))
+                self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
                 del self._running[slot]
                 self._free.append(slot)
         request.done, request.finish_reason = True, "cancelled"
@@ -567,7 +664,7 @@ class Engine:
         whose donated state cannot be used again)."""
         for request in [*self._waiting, *(job.request for job in self._prefilling), *self._running.values()]:
             request.done, request.finish_reason = True, "cancelled"
-        self._slots = SlotState.create(self._empty_cache(), self.config.vocab_size)
+        self._slots = self._empty_slots()
         self._masks = all_allowed(self.max_slots, self.config.vocab_size)
         self._masks_clear = True
         self._waiting.clear()

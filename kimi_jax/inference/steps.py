@@ -1,7 +1,6 @@
 """Compiled steps on the compressed MLA cache, and :class:`BatchEngine`: prefill and decode
 of one fixed batch over an explicit cache (the serving engine, ``kimi_jax.inference.engine``,
-shares :func:`embed_step` and :func:`key_block_for`; its own steps call the same
-``TextModel.extend``).
+shares :func:`key_block_for`; its own steps call the same ``TextModel.extend``).
 
 One pure step serves both phases, :func:`extend_step`: (parameters, tokens, counts, cache)
 -> (logits at each row's last new token, cache), jit-compiled with the cache donated, so the

@@ -1,5 +1,8 @@
 """The serving engine: continuous batching over slots, sampling on the device, prefix reuse."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,15 +65,75 @@ def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo):
     assert stats["decoded_tokens"] == NEW * len(prompts)
 
 
-def test_no_compilation_after_warm_up(model, prompts):
+@contextlib.contextmanager
+def compilations():
+    """The names of the programs XLA compiles in the block (any in the process, not only the engine's)."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("mesh", [None, pytest.param("data=2,expert=2,tensor=2", marks=pytest.mark.mesh)])
+def test_no_request_compiles_after_warm_up(model, prompts, mesh):
+    """After warm_up, requests of other lengths (one over three chunks), sampling settings,
+    seeds, stop ids and budgets, a prefix copied from a busy slot, a cancellation and a second
+    turn compile nothing."""
+    if mesh is None:
+        eng = engine(model)
+    else:  # four slots: the slot state is split over the data axis
+        eng = engine(kimi_jax.parallel.shard_model(model, mesh), max_slots=4)
+    eng.warm_up()
+    with compilations() as compiled:
+        system = prompts[2]
+        first = eng.submit(system + [5], max_new_tokens=NEW, temperature=0.7, top_p=0.9, top_k=5, seed=3,
+                           stop_ids=[1, 2])
+        eng.step()
+        shared = eng.submit(system + [9, 8], max_new_tokens=3, seed=2**40)
+        eng.submit(prompts[5], max_new_tokens=1, top_k=10**6, seed=-1)
+        cancelled = eng.submit(prompts[1], max_new_tokens=NEW, temperature=1.0)
+        eng.step()
+        eng.step()
+        eng.cancel(cancelled)
+        eng.run()
+        second = eng.submit(first.prompt_ids + first.token_ids + [7], max_new_tokens=2)
+        eng.run()
+    assert shared.cached_prefix > 0 and second.cached_prefix > len(system)  # copied from a busy slot; reused
+    assert compiled == []
+
+
+def test_images_compile_once_per_grid():
+    """After an image of one grid, another image of that grid in a prompt of another length,
+    beside a text request, compiles nothing."""
+    from kimi_jax.config.model import KimiConfig
+    from kimi_jax.testing.models import random_model
+    from kimi_jax.testing.synthetic import TINY_VISION
+
+    model = random_model(KimiConfig.from_dict(k25_config(TINY_TEXT, TINY_VISION)), dtype=jnp.float32,
+                         expert_format="dense")
+    patch, placeholder = model.vision_config.patch_size, model.config.media_placeholder_token_id
+    rng = np.random.default_rng(0)
+    grid = np.array([[1, 4, 4]])  # 16 patches, merged 2 x 2: 4 placeholders
+
+    def submit(before, after):
+        prompt = rng.integers(3, 100, before).tolist() + [placeholder] * 4 + rng.integers(3, 100, after).tolist()
+        pixels = rng.normal(size=(16, 3, patch, patch)).astype(np.float32)
+        return eng.submit(prompt, max_new_tokens=3, pixel_values=pixels, grid_thws=grid)
+
     eng = engine(model)
-    eng.submit(prompts[0], max_new_tokens=3)
+    submit(3, 2)
     eng.run()
-    warm = eng.stats()["compilations"]
-    for prompt in prompts[1:]:  # other lengths, other slots, other sampling settings
-        eng.submit(prompt, max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, seed=3)
-    eng.run()
-    assert eng.stats()["compilations"] == warm
+    with compilations() as compiled:
+        later = [submit(6, 7), eng.submit(rng.integers(3, 100, 9).tolist(), max_new_tokens=3, temperature=0.5)]
+        eng.run()
+    assert [len(r.token_ids) for r in later] == [3, 3] and compiled == []
 
 
 def test_stop_ids_and_streaming(model, prompts, solo):

@@ -8,7 +8,8 @@ In one run, after measuring the copy bandwidth:
    average, the cache; over the bandwidth);
 2. ``arrivals``: ``--requests`` prompts of ``--prompt`` tokens arriving one every
    ``--every`` steps: throughput, time to first token and inter-token latency (p50, p99),
-   compilations after warm-up;
+   programs compiled after the engine's warm-up (``Engine.warm_up``; any compilation in the
+   process counts);
 3. ``mla``: absorbed MLA attention of one layer over 4K, 32K and 128K cached tokens at
    batch 1 and 32, against reading its cache and weights once;
 4. ``compile``: seconds to compile the decode step of the cut and of the whole 61-layer
@@ -24,8 +25,11 @@ Each measurement is printed and appended to ``benchmarks/results/engine.jsonl`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,18 +59,47 @@ def text_config(layers: int, tiny: bool) -> KimiConfig:
 
 
 def step_floor_bytes(config: KimiConfig, tokens: int, cached: int) -> float:
-    """Bytes one decode step of ``tokens`` sequences with ``cached`` tokens each must read."""
+    """Bytes one decode step of ``tokens`` sequences with ``cached`` tokens each must read: the
+    weights but the embedding (one row per token) and the routed experts, the distinct
+    experts the tokens choose on average, the cache (the planner's count, ``kimi_jax.plan``)."""
     cfg = config.text
     sizes = device_bytes(config, jnp.bfloat16, "int4")
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = E * (1 - (1 - K / E) ** tokens)  # expected distinct experts per MoE layer
     experts = sizes["routed_experts"] * touched / E
+    rows = tokens * cfg.hidden_size * 2
     cache = tokens * cached * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-    return sum(sizes.values()) - sizes["routed_experts"] + experts + cache
+    return sum(sizes.values()) - sizes["routed_experts"] - sizes["embedding"] + rows + experts + cache
 
 
-def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> float:
-    """Median ms of the decode steps while every prompt's request is decoding."""
+@contextlib.contextmanager
+def compilations() -> Iterator[list[str]]:
+    """The names of the programs XLA compiles in the block (any in the process)."""
+    names = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def warm_engine(model, args) -> Engine:
+    """A new engine on ``model`` with every step compiled (``compile`` clears jax's caches)."""
+    engine = Engine(model, max_slots=args.slots, max_length=args.length, prefill_chunk=args.chunk)
+    t0 = time.perf_counter()
+    engine.warm_up()
+    print(f"engine warm-up in {time.perf_counter() - t0:.1f}s", flush=True)
+    return engine
+
+
+def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> float | None:
+    """Median ms of the decode steps while every prompt's request is decoding (the first two
+    left out); None if no step was (``new`` too small for the prompts' prefill steps)."""
     requests = [engine.submit(p, max_new_tokens=new) for p in prompts]
     while not all(r.token_ids for r in requests):
         engine.step()
@@ -77,7 +110,8 @@ def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> float:
         jax.block_until_ready(engine._slots.last)
         times.append(time.perf_counter() - t0)
     engine.run()
-    return 1e3 * float(np.median(times[2:] or times))
+    times = times[2:] or times
+    return 1e3 * float(np.median(times)) if times else None
 
 
 def main() -> None:
@@ -107,18 +141,21 @@ def main() -> None:
         model = random_model(config, expert_format="int4")
         jax.block_until_ready(nnx.state(model))
         print(f"random {args.layers}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
-        engine = Engine(model, max_slots=args.slots, max_length=args.length, prefill_chunk=args.chunk)
 
     if "decode" not in args.skip:
+        engine = warm_engine(model, args)
         short = 128
         for batch in (1, args.slots):
             prompts = [rng.integers(0, V, short).tolist() for _ in range(batch)]
-            decode_ms(engine, prompts, 4)  # compile and warm up
             ms = decode_ms(engine, prompts, args.new)
+            if ms is None:
+                print(f"decode-{batch}: no step had every request decoding; raise --new", flush=True)
+                continue
             floor = step_floor_bytes(config, batch, short + args.new // 2) / bw * 1e3
             row = record(args.out, bench="decode", batch=batch, ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
                          floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1), **common)
             print(row, flush=True)
+        del engine
 
     if "compile" not in args.skip:
         for layers in (args.layers, 61):
@@ -140,13 +177,13 @@ def main() -> None:
 
     if "mla" not in args.skip:
         cfg = config.text
-        mla = MLA(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(mla)))
+        graphdef, weights_state = nnx.split(MLA(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        weights = sum(x.nbytes for x in jax.tree.leaves(weights_state))
 
-        @nnx.jit(static_argnames="block")
-        def attend(mla, x, cache, positions, block):
+        @functools.partial(jax.jit, static_argnames="block", donate_argnames="cache")
+        def attend(state, x, cache, positions, block):  # the cache donated, as in the engine's step
             cos, sin = _rope(cfg, positions)
-            return mla.cached(x, cos, sin, positions, cache, absorbed=True, key_block=block)
+            return nnx.merge(graphdef, state).cached(x, cos, sin, positions, cache, absorbed=True, key_block=block)
 
         for cached in ((4096, 32768, 131072) if not args.tiny else (256, 1024)):
             for batch in (1, 32):
@@ -156,31 +193,39 @@ def main() -> None:
                                    jax.random.normal(key, (batch, cached, R), jnp.bfloat16))
                 x = jax.random.normal(key, (batch, 1, cfg.hidden_size), jnp.bfloat16)
                 positions = jnp.full((batch, 1), cached - 1, jnp.int32)
-                block = key_block_for(cfg, batch, 1, cached, None)
-                seconds = median_seconds(lambda: attend(mla, x, cache, positions, block))
                 floor = (cache.c_kv.nbytes + cache.k_pe.nbytes + weights) / bw
-                print(record(args.out, bench="mla", batch=batch, cached=cached, ms=round(seconds * 1e3, 3),
-                             floor_ms=round(floor * 1e3, 3), floor_ratio=round(floor / seconds, 3), **common),
-                      flush=True)
-                del cache
+                held = [cache]
+
+                def call(block):
+                    out, held[0] = attend(weights_state, x, held[0], positions, block)
+                    return out
+
+                # the engine's block size, and the whole cache scored at once
+                for block in sorted({key_block_for(cfg, batch, 1, cached, None), cached}):
+                    seconds = median_seconds(call, block)
+                    print(record(args.out, bench="mla", batch=batch, cached=cached, key_block=block,
+                                 ms=round(seconds * 1e3, 3), floor_ms=round(floor * 1e3, 3),
+                                 floor_ratio=round(floor / seconds, 3), **common), flush=True)
+                del cache, held
 
     if "arrivals" not in args.skip:
         prompts = [rng.integers(0, V, args.prompt).tolist() for _ in range(args.requests)]
-        warm = engine.stats()["compilations"]
+        engine = warm_engine(model, args)
         submitted, stamps, requests = {}, {}, []
         t_start = time.perf_counter()
         step = 0
-        while len(requests) < len(prompts) or not all(r.done for r in requests):
-            if len(requests) < len(prompts) and step % args.every == 0:
-                r = engine.submit(prompts[len(requests)], max_new_tokens=args.new)
-                submitted[r.id], stamps[r.id] = time.perf_counter(), []
-                requests.append(r)
-            engine.step()
-            now = time.perf_counter()
-            for r in requests:
-                while len(stamps[r.id]) < len(r.token_ids):
-                    stamps[r.id].append(now)
-            step += 1
+        with compilations() as compiled:
+            while len(requests) < len(prompts) or not all(r.done for r in requests):
+                if len(requests) < len(prompts) and step % args.every == 0:
+                    r = engine.submit(prompts[len(requests)], max_new_tokens=args.new)
+                    submitted[r.id], stamps[r.id] = time.perf_counter(), []
+                    requests.append(r)
+                engine.step()
+                now = time.perf_counter()
+                for r in requests:
+                    while len(stamps[r.id]) < len(r.token_ids):
+                        stamps[r.id].append(now)
+                step += 1
         total = time.perf_counter() - t_start
         ttft = [stamps[r.id][0] - submitted[r.id] for r in requests]
         itl = [b - a for r in requests for a, b in zip(stamps[r.id], stamps[r.id][1:])]
@@ -192,7 +237,7 @@ def main() -> None:
             ttft_p50_s=round(float(np.percentile(ttft, 50)), 3), ttft_p99_s=round(float(np.percentile(ttft, 99)), 3),
             itl_p50_ms=round(1e3 * float(np.percentile(itl, 50)), 2),
             itl_p99_ms=round(1e3 * float(np.percentile(itl, 99)), 2),
-            compilations_after_warm_up=engine.stats()["compilations"] - warm, **common,
+            compilations_after_warm_up=len(compiled), **common,
         )
         print(row, flush=True)
         del engine, model

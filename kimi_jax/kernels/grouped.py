@@ -19,8 +19,9 @@ accumulates in float32 and returns the inputs' result dtype. Backends (:data:`BA
   multiples of 64 and the dtype 16-bit, on TPUs K and N at least 128. Gradients go through
   the same kernels (:func:`_tokamax_bwd`).
 - ``auto``: tokamax on ``cuda`` and ``tpu``, xla elsewhere, chosen when the step is lowered
-  (``jax.lax.platform_dependent``), so one traced step exports for every platform. Inside
-  :func:`use_backend`, ``auto`` means the backend given there.
+  (``jax.lax.platform_dependent``), so one traced step exports for every platform; xla for
+  fewer than :data:`MIN_KERNEL_ROWS` rows. Inside :func:`use_backend`, ``auto`` means the
+  backend given there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ ROW_MULTIPLE = {"cuda": 64, "tpu": 128}
 """Rows are zero-padded to a multiple of this for the kernel. Mosaic GPU: tokamax's kernels
 fail to lower rows not a multiple of 8, and sm90's weights' gradient rows above 64 not a
 multiple of 64. Mosaic TPU: every dimension at least 128."""
+MIN_KERNEL_ROWS = 16
+"""``auto`` takes xla below this many rows: on an H100 (32 experts of 7168 x 2048, bf16) 8 rows
+took 0.66 ms stock and 5.3 ms with tokamax (its rows padded to 64, every expert's tile run),
+23 rows 3.6 ms each (``benchmarks/RESULTS.md``)."""
 _RAGGED_CONTRACTING = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
 )
@@ -80,6 +85,8 @@ def ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: s
         raise ValueError(f"ragged_dot: group_sizes must be integers, got {group_sizes.dtype}")
     if backend == "auto" and _PREFERRED.value is not None:
         backend = _PREFERRED.value
+    elif backend == "auto" and x.shape[0] < MIN_KERNEL_ROWS:
+        backend = "xla"
     if backend == "xla":
         return _xla(x, w, group_sizes)
     kernels = {p: functools.partial(_tokamax_on, p) for p in TOKAMAX_KERNELS}

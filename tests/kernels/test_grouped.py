@@ -111,6 +111,15 @@ def test_auto_is_chosen_when_lowered(platform, tokamax):
         assert "tokamax" not in _lowered(f, platform, x, w)
 
 
+def test_auto_takes_xla_for_few_rows():
+    x, w, _ = _inputs(jnp.bfloat16)
+    x = x[: grouped.MIN_KERNEL_ROWS - 1]
+    gs = jnp.asarray([5, 0, 9, 0, 0], jnp.int32)
+    f = jax.jit(lambda x, w: grouped.ragged_dot(x, w, gs))
+    assert "tokamax" not in _lowered(f, "cuda", x, w)
+    assert "tokamax" in _lowered(jax.jit(lambda x, w: grouped.ragged_dot(x, w, gs, backend="tokamax")), "cuda", x, w)
+
+
 def _as_tpu_host(monkeypatch):
     """tokamax's TPU kernel taken as runnable on this host, lowered for a TPU v5p."""
     from tokamax._src.ops.ragged_dot import pallas_mosaic_tpu

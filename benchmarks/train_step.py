@@ -127,9 +127,6 @@ def main() -> None:
     t0 = time.perf_counter()
     model = random_model(config, dtype=jnp.dtype(args.dtype), expert_format="dense")
     trainer = Trainer(model, OptimizerConfig(name=args.optimizer), StepConfig(remat=not args.no_remat))
-    # The Trainer keeps the state it split from the model (the model's arrays and the
-    # optimizer's initial moments) as the template of its step; only the shapes are needed.
-    trainer._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer._template)
     del model
     jax.block_until_ready(trainer.state)
     params, opt = gigabytes(trainer.state["model"]), gigabytes(trainer.state["optimizer"])
@@ -150,7 +147,7 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             # The Trainer's own jitted step, compiled ahead of its first call (which reuses it).
-            plan = trainer._step.lower(trainer.state, trainer.place_batch(data)).compile().memory_analysis()
+            plan = trainer.lower(data).compile().memory_analysis()
             compile_s = time.perf_counter() - t0
             trainer.step(data)
             times, losses = [], []

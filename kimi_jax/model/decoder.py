@@ -55,16 +55,18 @@ class DecoderLayer(nnx.Module):
 
     def cached(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
-        absorbed: bool, key_block: int,
+        absorbed: bool, key_block: int, valid: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
-        """The layer over new tokens at ``positions``, attending over (and writing) ``cache``."""
+        """The layer over new tokens at ``positions``, attending over (and writing) ``cache``;
+        ``valid`` [B, T] marks the real tokens (an MoE routes only those)."""
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
         attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, absorbed=absorbed, key_block=key_block)
-        return self._residual(x, normed, attn), cache
+        return self._residual(x, normed, attn, valid), cache
 
-    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array) -> jax.Array:
+    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         h = x + attn
-        mlp = self.mlp(rms_norm(h, self.post_attention_layernorm[...], self.eps))
+        y = rms_norm(h, self.post_attention_layernorm[...], self.eps)
+        mlp = self.mlp(y, valid) if isinstance(self.mlp, MoE) else self.mlp(y)
         if self.capture:
             self.sow(nnx.Intermediate, "input_norm", normed)
             self.sow(nnx.Intermediate, "attn_out", attn)
@@ -164,16 +166,19 @@ class TextModel(nnx.Module):
         followed by padding; they take positions ``cache.lengths[b] + 0..T-1`` and each attends
         to the cache slots up to its own position. Padding writes only slots past the row's new
         length, which later tokens overwrite before any query sees them. A row with count 0
-        keeps its length (its logits are meaningless). ``absorbed`` selects MLA's form, ``key_block``
+        keeps its length (its logits are meaningless). Padding and rows with count 0 are routed to
+        no expert (their experts are not read). ``absorbed`` selects MLA's form, ``key_block``
         how many cache slots attention scores at once (``MLA.cached``).
         """
         T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         cos, sin = self.rope(positions)
+        valid = jnp.arange(T) < counts[:, None]
         layers = []
         x = self._inputs(input_ids, inputs_embeds)
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block)
+            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block,
+                                          valid=valid)
             x = constrain(x, ACTIVATION_AXES, self.parallel)
             layers.append(layer_cache)
         last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)

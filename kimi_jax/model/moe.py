@@ -342,7 +342,7 @@ def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array
     T, K = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=experts.n_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=experts.n_experts).astype(jnp.int32)  # ids >= n_experts: no group
     out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel)
     return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
 
@@ -374,7 +374,10 @@ class MoE(nnx.Module):
             raise ValueError(f"unknown MoE implementation {impl!r}; choose from {MOE_IMPLS}")
         self.impl = impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """``x`` [..., D] -> [..., D]. ``valid`` (x's leading shape, bool) marks the real tokens
+        (None: all): the grouped path routes the others to no expert, so their experts are not
+        read (idle slots of a decode step, padding of a prefill chunk), and their routed output is 0."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(tokens)
@@ -385,10 +388,14 @@ class MoE(nnx.Module):
         if self.parallel is not None and self.impl != "reference":
             routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout)
         else:
-            per_expert = (
-                experts_reference(self.experts, tokens, idx) if self.impl == "reference"
-                else experts_grouped(self.experts, tokens, idx, int4_kernel(self.impl))
-            )
+            if self.impl == "reference":
+                per_expert = experts_reference(self.experts, tokens, idx)
+            else:
+                keep = None if valid is None else valid.reshape(-1, 1)
+                routing = idx if keep is None else jnp.where(keep, idx, self.experts.n_experts)  # past every group
+                per_expert = experts_grouped(self.experts, tokens, routing, int4_kernel(self.impl))
+                if keep is not None:  # the kernels may leave rows past the groups unwritten
+                    per_expert = jnp.where(keep[..., None], per_expert, 0)
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)

@@ -38,6 +38,33 @@ def test_grouped_equals_reference(text):
     np.testing.assert_allclose(grouped, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("expert_format, impl", [("dense", "grouped"), ("int4", "grouped-xla"),
+                                                  ("int4", "grouped-pallas")])
+def test_tokens_not_valid_read_no_expert(monkeypatch, expert_format, impl):
+    """Idle slots and padding (``valid`` False) are routed to no expert: the grouped matmuls see
+    only the real tokens' copies; real tokens are unchanged, the others get the shared expert only."""
+    import kimi_jax.model.moe as moe_module
+
+    cfg = moe_config(hidden_size=64, moe_intermediate_size=32)
+    moe = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), impl=impl, expert_format=expert_format)
+    x = jax.random.normal(jax.random.key(0), (4, 2, cfg.hidden_size))
+    valid = jnp.array([[True, False], [False, False], [True, True], [False, False]])
+    seen = []
+
+    def recorded(w, rows, sizes, kernel):
+        seen.append(int(np.asarray(sizes).sum()))
+        return swiglu_grouped(w, rows, sizes, kernel)
+
+    full = np.asarray(moe(x))
+    monkeypatch.setattr(moe_module, "swiglu_grouped", recorded)
+    masked = np.asarray(moe(x, valid))
+    assert seen == [3 * cfg.num_experts_per_tok]
+    keep = np.asarray(valid)
+    np.testing.assert_allclose(masked[keep], full[keep], rtol=1e-5, atol=1e-5)
+    shared = np.asarray(moe.shared_experts(x))
+    np.testing.assert_allclose(masked[~keep], shared[~keep], rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_handles_skewed_and_empty_groups():
     """All tokens on a few experts (most groups empty): same per-expert outputs."""
     cfg = moe_config()

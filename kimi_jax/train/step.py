@@ -161,7 +161,10 @@ class Trainer:
         flat = {}
         for path, var in nnx.to_flat_state(state):
             axes = var.get_metadata().get("axes")
-            if axes is not None and len(axes) == len(var.shape):
+            value = var.get_raw_value()
+            if not hasattr(value, "shape"):  # optax's MaskedNode: no state for a masked-out parameter
+                flat[path] = value
+            elif axes is not None and len(axes) == len(var.shape):
                 flat[path] = self.parallel.sharding(axes, var.shape)
             else:
                 flat[path] = NamedSharding(self.parallel.mesh, PartitionSpec())

@@ -25,11 +25,9 @@ Each measurement is printed and appended to ``benchmarks/results/engine.jsonl`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import time
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +41,7 @@ from kimi_jax.inference.engine import Engine, SlotState, decode_step
 from kimi_jax.inference.steps import key_block_for
 from kimi_jax.model.cache import KVCache, LayerCache
 from kimi_jax.model.mla import MLA
+from kimi_jax.testing.compiles import compilations
 from kimi_jax.testing.models import random_model
 
 TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16,
@@ -70,22 +69,6 @@ def step_floor_bytes(config: KimiConfig, tokens: int, cached: int) -> float:
     rows = tokens * cfg.hidden_size * 2
     cache = tokens * cached * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     return sum(sizes.values()) - sizes["routed_experts"] - sizes["embedding"] + rows + experts + cache
-
-
-@contextlib.contextmanager
-def compilations() -> Iterator[list[str]]:
-    """The names of the programs XLA compiles in the block (any in the process)."""
-    names = []
-
-    def listen(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def warm_engine(model, args) -> Engine:

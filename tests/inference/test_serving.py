@@ -1,6 +1,5 @@
 """The serving engine: continuous batching over slots, sampling on the device, prefix reuse."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 import kimi_jax
 from kimi_jax.inference.engine import Engine
 from kimi_jax.inference.steps import BatchEngine
+from kimi_jax.testing.compiles import compilations
 from kimi_jax.testing.synthetic import TINY_TEXT, k25_config, write_checkpoint
 
 LENGTHS = [7, 3, 12, 5, 9, 1]
@@ -63,22 +63,6 @@ def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo):
     stats = eng.stats()
     assert stats["free_slots"] == 3 and stats["running"] == 0
     assert stats["decoded_tokens"] == NEW * len(prompts)
-
-
-@contextlib.contextmanager
-def compilations():
-    """The names of the programs XLA compiles in the block (any in the process, not only the engine's)."""
-    names = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.mark.parametrize("mesh", [None, pytest.param("data=2,expert=2,tensor=2", marks=pytest.mark.mesh)])
@@ -283,7 +267,6 @@ def test_placeholders_without_media_are_refused(tmp_path):
 
 def test_top_p_off_is_exact_beside_filtering_rows():
     """A row with top-p 1 keeps every token even when another row of the batch filters."""
-    import jax
 
     from kimi_jax.inference.sampling import filter_logits
 

@@ -127,8 +127,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "kimi", "model", "serve", "token", "cache", "slot"]
 
-    def prompt(i: int) -> str:  # about --prompt tokens in the chat template (a few bytes per token)
-        return f"{i}: " + " ".join(rng.choice(words, size=max(args.prompt // 2, 1)))
+    def tokens_of(text: str) -> int:
+        return len(tokenizer.encode(tokenizer.chat_template.render([{"role": "user", "content": text}])))
+
+    def prompt(i: int) -> str:  # random words, at most --prompt tokens in the chat template
+        text = f"{i}:"
+        while tokens_of(longer := f"{text} {rng.choice(words)}") <= args.prompt:
+            text = longer
+        return text
 
     try:
         asyncio.run(wave(base_url, [prompt(i) for i in range(min(slots, 4))], 8))  # compile
@@ -136,7 +142,7 @@ def main() -> None:
             asyncio.run(wave(base_url, [prompt(i) for i in range(clients)], 8))  # warm this batch mix
             row = asyncio.run(wave(base_url, [prompt(i) for i in range(clients)], args.new))
             row = record(args.out, bench="serve", layers=args.layers, tiny=args.tiny, clients=clients,
-                         prompt_words=max(args.prompt // 2, 1), new=args.new, slots=slots, **row)
+                         prompt_tokens=args.prompt, new=args.new, slots=slots, **row)
             print(json.dumps(row), flush=True)
     finally:
         server.should_exit = True

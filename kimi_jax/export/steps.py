@@ -56,6 +56,8 @@ FORMAT_VERSION = 1
 TRITON_CALL = "__gpu$xla.gpu.triton"
 """The custom call of Pallas Triton kernels: no compatibility guarantee across jaxlib versions,
 so a CUDA artifact holding it runs only under the jaxlib that exported it (the manifest says which)."""
+MOSAIC_GPU_CALL = "mosaic_gpu_v2"
+"""tokamax's Mosaic GPU kernels (dense experts, in a step traced on a GPU host): the same caveat."""
 CUSTOM_CALLS = {"tpu_custom_call": "Pallas Mosaic (TPU) kernel", TRITON_CALL: "Pallas Triton (GPU) kernel"}
 _TPU_CHIPS = {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}
 _DEFAULT_KINDS = {"cuda": "NVIDIA H200", "cpu": "cpu"}
@@ -156,7 +158,8 @@ def moe_kernels(config: KimiConfig, layout: Layout, platform: str, moe_impl: str
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     if expert_format != "int4":
         return {"layers": layers, "experts": expert_format, "kernel": "ragged_dot",
-                "description": "jax.lax.ragged_dot over the dense experts"}
+                "description": "kimi_jax.kernels.grouped.ragged_dot over the dense experts: tokamax's kernel "
+                               "where the exporting host has the platform's device, else XLA's"}
     ways = math.prod(layout.axis_size(a) for a in layout.mesh_axes_of("expert_mlp"))
     kernel = lowered_int4_kernel(moe_impl, platform, cfg.hidden_size, cfg.moe_intermediate_size // ways)
     return {"layers": layers, "experts": "int4", "impl": moe_impl, "kernel": kernel,
@@ -238,7 +241,8 @@ def export_steps(
 
 
 def _export_one(step, graphdef, weights, slots, cfg, shapes: EngineShapes, platform: str, out: Path) -> dict:
-    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
+    checks = ([jax.export.DisabledSafetyCheck.custom_call(c) for c in (TRITON_CALL, MOSAIC_GPU_CALL)]
+              if platform == "cuda" else [])
     w_def, s_def = jax.tree.structure(weights), jax.tree.structure(slots)
     start = time.perf_counter()
     # Serialized pytrees take string-keyed dicts only: the steps take and return flat leaf lists

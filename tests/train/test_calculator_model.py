@@ -18,7 +18,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("thinking", [True, False])
 def test_embedded_model_uses_the_calculator(converted, thinking):
     model = kimi_jax.load(converted, dtype="float32")
-    questions = calculator.held_out(24)
+    questions = calculator.held_out(10)
     acc, records = calculator.accuracy(model, Tokenizer.from_dir(converted), questions, thinking=thinking)
     assert acc >= 0.9, [r for r in records if not r["correct"]][:3]
     assert all(r["expression"] for r in records)  # each answer came through a tool call

@@ -46,8 +46,9 @@ def _distributions(folder: Path, own: set[str]) -> set[str]:
 MAIN = {_name(r) for r in PROJECT["dependencies"]}
 TEST = {_name(r) for r in PROJECT["optional-dependencies"]["test"]}
 # Installed beside a declared dependency, not imported by name: the CUDA build of jax is
-# chosen by the user; torchvision is what transformers' image processor imports.
-IMPORTED_INDIRECTLY = {"torchvision"}
+# chosen by the user; torchvision is what transformers' image processor imports; pytest-xdist
+# is the plugin behind the README's ``-n 2``.
+IMPORTED_INDIRECTLY = {"torchvision", "pytest-xdist"}
 
 
 def test_package_imports_are_declared_and_declared_are_imported():

@@ -189,5 +189,6 @@ def test_tokamax_tpu_kernel_interpreted_equals_the_reference(monkeypatch):
     rx, rw = jax.grad(lambda x, w: loss(lambda x, w: reference(x, w, sizes), x, w), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(y, reference(x, w, sizes), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(y)[sum(sizes):], 0.0)
-    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
+    # sums of 128-256 products of magnitude up to ~20, in another order than the reference's
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)

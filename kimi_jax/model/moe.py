@@ -376,8 +376,9 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """``x`` [..., D] -> [..., D]. ``valid`` (x's leading shape, bool) marks the real tokens
-        (None: all): the grouped path routes the others to no expert, so their experts are not
-        read (idle slots of a decode step, padding of a prefill chunk), and their routed output is 0."""
+        (None: all): the grouped path on one device routes the others to no expert, so their
+        experts are not read (idle slots of a decode step, padding of a prefill chunk) and their
+        routed output is 0. The expert-parallel path still routes every token."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(tokens)
@@ -393,9 +394,7 @@ class MoE(nnx.Module):
             else:
                 keep = None if valid is None else valid.reshape(-1, 1)
                 routing = idx if keep is None else jnp.where(keep, idx, self.experts.n_experts)  # past every group
-                per_expert = experts_grouped(self.experts, tokens, routing, int4_kernel(self.impl))
-                if keep is not None:  # the kernels may leave rows past the groups unwritten
-                    per_expert = jnp.where(keep[..., None], per_expert, 0)
+                per_expert = experts_grouped(self.experts, tokens, routing, int4_kernel(self.impl))  # zeros past the groups
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)

@@ -8,6 +8,7 @@ import sys
 
 from kimi_jax.cli import (
     agent,
+    bench,
     chat,
     convert,
     demo,
@@ -21,7 +22,7 @@ from kimi_jax.cli import (
 )
 from kimi_jax.cli.common import error_message
 
-COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train, serve, export)
+COMMANDS = (convert, info, demo, generate, chat, verify, plan, agent, train, serve, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,64 @@
+"""What the hardware can do, measured in the same run as the numbers compared to it.
+
+Benchmarks report ratios to these floors: the copy bandwidth (bytes read + written per
+second by an elementwise op, 2 GiB by default) and the bf16 matmul rate (8192^3 by default).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn, *args, iters: int = 20) -> float:
+    """Median wall time of ``fn(*args)`` (blocked on its outputs) after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Bytes per second read + written by ``x * 2`` over ``n_bytes`` of bf16."""
+    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
+    seconds = median_seconds(jax.jit(lambda a: a * 2), x)
+    return 2 * n_bytes / seconds
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 FLOP/s of an ``n`` x ``n`` x ``n`` matmul (float32 accumulation)."""
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    seconds = median_seconds(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), a, b)
+    return 2 * n**3 / seconds
+
+
+def device_name() -> str:
+    return jax.devices()[0].device_kind
+
+
+def require_accelerator(allow_cpu: bool) -> None:
+    """Raises ``ValueError`` when JAX has no GPU or TPU, unless ``allow_cpu``."""
+    if jax.default_backend() == "cpu" and not allow_cpu:
+        raise ValueError("no GPU or TPU found (JAX's backend is cpu); the benchmark measures an accelerator "
+                         "(--allow-cpu runs it on the CPU anyway: give it small --tokens and sizes)")
+
+
+def record(path: str | Path, **fields) -> dict:
+    """Appends one JSON line (with date, device and jax version) to ``path``, creating its
+    folder; returns the row."""
+    row = {"date": datetime.date.today().isoformat(), "gpu": device_name(), "jax": jax.__version__, **fields}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row

@@ -2,7 +2,7 @@
 
 Einsum letters: T patches, P pixels per patch (3 x 14 x 14), D vision hidden, C the
 q | k | v split, N heads, K head dim, I MLP hidden, A / B position-table rows / columns,
-Y / X a medium's patch rows / columns, M merged tokens, G patches per merged token
+U the 16 bicubic taps of a patch's position, M merged tokens, G patches per merged token
 (2 x 2), E / F the projector's input / hidden (both G x D), O text hidden.
 
 Pipeline for packed media (``pixel_values`` [sum_i T_i H_i W_i, 3, p, p] in the
@@ -10,13 +10,21 @@ preprocessor's (frame, row, column) raster order, one ``(T, H, W)`` grid per med
 
 1. patch embedding: the 14 x 14 stride-14 convolution as a matmul on flattened patches;
 2. plus the learned position table [A, B, D] resized to each medium's (H, W) with PyTorch's
-   bicubic (:func:`bicubic_matrix`; height and width separately) and, for T > 1, the fixed
+   bicubic (:func:`bicubic_taps`; height and width separately) and, for T > 1, the fixed
    sin/cos term of each frame (:func:`temporal_embedding`);
 3. pre-LayerNorm blocks with fused ``wqkv``, 2-D RoPE on q and k (:func:`rope_2d`) and
    attention within each medium only (all frames of a video chunk see each other; media
    packed together never do, as in the reference's production flash-attention path);
 4. ``final_layernorm``, mean over frames and 2 x 2 merge: [M, G, D] (:func:`merge_patches`);
 5. projector: LayerNorm on each sub-patch, concat, Linear, exact GELU, Linear -> [M, O].
+
+Everything that depends on the grids (each patch's medium, row, column and frame, its
+bicubic taps, the patches of each merged token) is a :class:`PatchLayout` of integer and
+float arrays made on the host (:func:`patch_layout`). :func:`project_media` runs the
+pipeline on the exact grids (static: one program per set of grids, one attention per
+medium); :func:`project_bucketed` runs the same per-patch math on media padded to a fixed
+patch count (:func:`pad_media`) with the layout as traced input, so one program serves any
+media of that many patches or fewer.
 
 The parameter tree follows the checkpoint's names (``vision_tower.patch_embed.proj``,
 ``vision_tower.encoder.blocks.{i}.wqkv``, ``mm_projector.proj.{0,2}``, ...) with matrices
@@ -45,6 +53,7 @@ from kimi_jax.media.tokens import num_media_tokens
 from kimi_jax.model.layers import apply_rope, weight
 
 Grid = tuple[int, int, int]
+Array = np.ndarray | jax.Array
 BICUBIC_A = -0.75
 ROPE_THETA = 10000.0
 LAYER_NORM_EPS = 1e-5  # the tower's LayerNorms (fixed in the reference code, not in the config)
@@ -166,15 +175,15 @@ def as_grids(grid_thws: Any, cfg: VisionConfig) -> tuple[Grid, ...]:
 # ---------------------------------------------------------------- fixed tables (numpy)
 
 
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] float32 weights of PyTorch's 1-D bicubic resize (``F.interpolate``,
-    a = -0.75, align_corners=False, no antialias).
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source rows [out, 4] (int64) and weights [out, 4] (float64) of PyTorch's 1-D
+    bicubic resize (``F.interpolate``, a = -0.75, align_corners=False, no antialias).
 
     Output ``i`` samples source coordinate ``(i + 0.5) * in / out - 0.5`` (not clamped
     at 0, unlike the linear modes) with the 4 cubic-convolution taps around it; taps
-    beyond the edges are clamped to the border row. Weights are computed in float64 and
-    rounded once; PyTorch's float32 kernel differs from them by its own rounding (about
-    1e-6 for a 64-row table).
+    beyond the edges are clamped to the border row (a row can then appear twice). Weights
+    are computed in float64; PyTorch's float32 kernel differs from them by its own rounding
+    (about 1e-6 for a 64-row table).
     """
     a = BICUBIC_A
     src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
@@ -187,10 +196,15 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    coeffs = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
-    taps = np.clip(index[:, None] + np.arange(-1, 3), 0, in_size - 1)
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    return np.clip(index[:, None] + np.arange(-1, 3), 0, in_size - 1), weights
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] float32: :func:`bicubic_taps` as the matrix that resizes a column."""
+    taps, weights = bicubic_taps(in_size, out_size)
     out = np.zeros((out_size, in_size))
-    np.add.at(out, (np.repeat(np.arange(out_size), 4), taps.ravel()), coeffs.ravel())
+    np.add.at(out, (np.repeat(np.arange(out_size), 4), taps.ravel()), weights.ravel())
     return out.astype(np.float32)
 
 
@@ -202,19 +216,101 @@ def temporal_embedding(num_frames: int, dim: int) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
 
 
-def rope_2d(grid: Grid, head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T*H*W, head_dim/2] (float32) of one medium's patches.
+def rope_2d(y: Array, x: Array, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, head_dim/2] (float32) of patches at rows ``y`` and columns ``x`` [T]
+    of their media.
 
     Pair ``2j`` of the head rotates with the column (x) at frequency ``theta^(-4j/K)``,
-    pair ``2j + 1`` with the row (y) at the same frequency; every frame repeats the table.
+    pair ``2j + 1`` with the row (y) at the same frequency.
     """
-    t, h, w = grid
     freqs = 1.0 / ROPE_THETA ** (jnp.arange(0, head_dim, 4, dtype=jnp.float32) / head_dim)
-    flat = jnp.arange(h * w, dtype=jnp.int32)
-    x, y = (flat % w).astype(jnp.float32), (flat // w).astype(jnp.float32)
-    angles = jnp.stack([x[:, None] * freqs, y[:, None] * freqs], axis=-1).reshape(h * w, head_dim // 2)
-    angles = jnp.tile(angles, (t, 1))
+    x, y = jnp.asarray(x).astype(jnp.float32), jnp.asarray(y).astype(jnp.float32)
+    angles = jnp.stack([x[:, None] * freqs, y[:, None] * freqs], axis=-1).reshape(-1, head_dim // 2)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+# ------------------------------------------------------------- patch layout (numpy)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PatchLayout:
+    """Where the patches and merged tokens of packed media sit (:func:`patch_layout`).
+
+    Patches past the media (padding) form one more medium of their own, at row and column
+    0 with no position term; merged tokens past the media average nothing (zeros).
+    """
+
+    medium: Array  # [T] int32: the medium of each patch (padding: the number of media)
+    row: Array  # [T] int32: the patch's row in its medium
+    col: Array  # [T] int32: the patch's column
+    frame: Array  # [T] int32: its row of the temporal table (the frame if T > 1, else the zero row)
+    pos_taps: Array  # [T, U] int32: the rows of the flattened position table its resize reads
+    pos_weights: Array  # [T, U] float32: their bicubic weights
+    merge: Array  # [M, frames, G] int32: the patch of each frame and sub-patch of a merged token
+    merge_frames: Array  # [M] int32: the frames a merged token averages (0: padding)
+
+
+def patch_layout(grids: Sequence[Grid], cfg: VisionConfig, bucket: int | None = None) -> PatchLayout:
+    """The :class:`PatchLayout` of media ``grids`` packed in order: exactly their patches,
+    tokens and most frames, or with ``bucket`` padded to ``bucket`` patches,
+    ``bucket // G`` merged tokens and ``cfg.pos_emb_time`` frames (sizes that depend on the
+    bucket only)."""
+    kh, kw = cfg.merge_kernel_size
+    A, B = cfg.pos_emb_height, cfg.pos_emb_width
+    n = sum(t * h * w for t, h, w in grids)
+    tokens = sum((h // kh) * (w // kw) for _, h, w in grids)
+    frames = max((t for t, _, _ in grids), default=1)
+    if bucket is not None:
+        if n > bucket:
+            raise ValueError(f"media of {n} patches (grids {list(grids)}) do not fit a bucket of {bucket} patches")
+        n, tokens, frames = bucket, bucket // (kh * kw), cfg.pos_emb_time
+    medium = np.full(n, len(grids), np.int32)
+    row, col = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    frame = np.full(n, cfg.pos_emb_time, np.int32)
+    pos_taps, pos_weights = np.zeros((n, 16), np.int32), np.zeros((n, 16), np.float32)
+    merge, merge_frames = np.zeros((tokens, frames, kh * kw), np.int32), np.zeros(tokens, np.int32)
+    start = token = 0
+    for i, (t, h, w) in enumerate(grids):
+        patches = np.s_[start : start + t * h * w]
+        flat = np.arange(t * h * w)
+        y, x = flat % (h * w) // w, flat % w
+        medium[patches], row[patches], col[patches] = i, y, x
+        if t > 1:
+            frame[patches] = flat // (h * w)
+        (rows, row_w), (cols, col_w) = bicubic_taps(A, h), bicubic_taps(B, w)
+        pos_taps[patches] = (rows[y][:, :, None] * B + cols[x][:, None, :]).reshape(-1, 16)
+        pos_weights[patches] = (row_w[y][:, :, None] * col_w[x][:, None, :]).reshape(-1, 16)
+        # merged token (r, c) averages frames f of its kh x kw block (dy, dx), row-major
+        r, c, f, dy, dx = np.ix_(np.arange(h // kh), np.arange(w // kw), np.arange(t), np.arange(kh), np.arange(kw))
+        m = (h // kh) * (w // kw)
+        merge[token : token + m, :t] = (start + f * h * w + (r * kh + dy) * w + c * kw + dx).reshape(m, t, kh * kw)
+        merge_frames[token : token + m] = t
+        start, token = start + t * h * w, token + m
+    return PatchLayout(medium, row, col, frame, pos_taps, pos_weights, merge, merge_frames)
+
+
+def check_pixel_values(shape: Sequence[int], grids: Sequence[Grid], cfg: VisionConfig) -> None:
+    """ValueError unless ``pixel_values`` of ``shape`` hold the patches of media ``grids``."""
+    n = sum(t * h * w for t, h, w in grids)
+    if tuple(shape) != (n, 3, cfg.patch_size, cfg.patch_size):
+        raise ValueError(
+            f"pixel_values has shape {tuple(shape)}; grid_thws {list(grids)} need "
+            f"{(n, 3, cfg.patch_size, cfg.patch_size)}"
+        )
+
+
+def pad_media(
+    pixel_values: Any, grids: Sequence[Grid], cfg: VisionConfig, bucket: int
+) -> tuple[np.ndarray, PatchLayout]:
+    """The inputs of :func:`project_bucketed` for media ``grids`` (their packed
+    ``pixel_values``) in a bucket of ``bucket`` patches: the pixels zero-padded to
+    [bucket, 3, p, p] float32, and their :func:`patch_layout`."""
+    check_pixel_values(np.shape(pixel_values), grids, cfg)
+    layout = patch_layout(grids, cfg, bucket)
+    pixels = np.zeros((bucket, 3, cfg.patch_size, cfg.patch_size), np.float32)
+    pixels[: len(pixel_values)] = pixel_values
+    return pixels, layout
 
 
 # ---------------------------------------------------------------------------- modules
@@ -252,24 +348,25 @@ class PositionTable(nnx.Module):
     """The learned position table [A, B, D] (``patch_embed.pos_emb.weight``)."""
 
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.cfg = cfg
         self.weight = weight(
             rngs, (cfg.pos_emb_height, cfg.pos_emb_width, cfg.hidden_size),
             ("vision_pos_h", "vision_pos_w", "vision_embed"), dtype,
         )
 
     def __call__(self, grid: Grid) -> jax.Array:
-        """Position terms [T*H*W, D] (float32) of one medium: the table resized bicubically
-        to (H, W), plus each frame's temporal term when T > 1."""
-        t, h, w = grid
+        """Position terms [T*H*W, D] (float32) of one medium (:meth:`embed`)."""
+        return self.embed(patch_layout([grid], self.cfg))
+
+    def embed(self, layout: PatchLayout) -> jax.Array:
+        """Position terms [T, D] (float32) of the patches of ``layout``: the table resized
+        bicubically to each medium's (H, W), plus each frame's temporal term when T > 1."""
         table = self.weight[...].astype(jnp.float32)
         A, B, D = table.shape
-        if (h, w) != (A, B):
-            rows, cols = jnp.asarray(bicubic_matrix(A, h)), jnp.asarray(bicubic_matrix(B, w))
-            table = jnp.einsum("ya,abd,xb->yxd", rows, table, cols, precision=jax.lax.Precision.HIGHEST)
-        pos = table.reshape(1, h * w, D)
-        if t > 1:
-            pos = pos + jnp.asarray(temporal_embedding(t, D))[:, None, :]
-        return jnp.broadcast_to(pos, (t, h * w, D)).reshape(t * h * w, D)
+        taps = table.reshape(A * B, D)[layout.pos_taps]
+        pos = jnp.einsum("tu,tud->td", layout.pos_weights, taps, precision=jax.lax.Precision.HIGHEST)
+        temporal = np.concatenate([temporal_embedding(self.cfg.pos_emb_time, D), np.zeros((1, D), np.float32)])
+        return pos + jnp.asarray(temporal)[layout.frame]
 
 
 class PatchEmbed(nnx.Module):
@@ -307,25 +404,30 @@ class EncoderBlock(nnx.Module):
         self.norm1 = LayerNorm(rngs, D, LAYER_NORM_EPS, dtype)
         self.mlp = VisionMLP(cfg, rngs, dtype)
 
-    def attention(self, x: jax.Array, cos: jax.Array, sin: jax.Array, lengths: Sequence[int]) -> jax.Array:
-        """Self-attention of ``x`` [T, D]; the packed media (``lengths`` patches each) attend
-        only within themselves. Returns [T, D]."""
+    def attention(self, x: jax.Array, cos: jax.Array, sin: jax.Array, media: tuple[int, ...] | jax.Array) -> jax.Array:
+        """Self-attention of ``x`` [T, D] within each medium. ``media`` is each medium's patch
+        count (a tuple: one attention per medium, over its slice of the patches) or each
+        patch's medium [T] (an array: one attention over all patches, masked to pairs in the
+        same medium; cuDNN takes the mask as an additive [T, T] bias). Returns [T, D]."""
         qkv = self.wqkv("td,dcnk->tcnk", x)
         q = apply_rope(qkv[:, 0], cos[:, None], sin[:, None])
         k = apply_rope(qkv[:, 1], cos[:, None], sin[:, None])
         v = qkv[:, 2]
-        outs, start = [], 0
-        for n in lengths:
-            sl = slice(start, start + n)
-            out = jax.nn.dot_product_attention(
-                q[None, sl], k[None, sl], v[None, sl], scale=self.scale, implementation=self.attention_impl
-            )
-            outs.append(out[0])
-            start += n
-        return self.wo("tnk,nkd->td", jnp.concatenate(outs, axis=0))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, lengths: Sequence[int]) -> jax.Array:
-        x = x + self.attention(self.norm0(x), cos, sin, lengths)
+        def attend(q, k, v, mask=None):
+            return jax.nn.dot_product_attention(
+                q[None], k[None], v[None], mask=mask, scale=self.scale, implementation=self.attention_impl
+            )[0]
+
+        if isinstance(media, tuple):
+            bounds = np.cumsum((0,) + media)
+            out = jnp.concatenate([attend(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+        else:
+            out = attend(q, k, v, (media[:, None] == media[None, :])[None, None])
+        return self.wo("tnk,nkd->td", out)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, media: tuple[int, ...] | jax.Array) -> jax.Array:
+        x = x + self.attention(self.norm0(x), cos, sin, media)
         return x + self.mlp(self.norm1(x))
 
 
@@ -339,18 +441,14 @@ class Encoder(nnx.Module):
         self.final_layernorm = LayerNorm(rngs, cfg.hidden_size, LAYER_NORM_EPS, dtype)
 
 
-def merge_patches(x: jax.Array, grids: Sequence[Grid], kernel: tuple[int, int]) -> jax.Array:
-    """[sum T*H*W, D] -> [M, G, D]: per medium, mean over frames (float32), then each
-    kh x kw block of patches (row-major within the block) becomes one token, tokens in
-    row-major order of the blocks."""
-    kh, kw = kernel
-    out, start = [], 0
-    for t, h, w in grids:
-        item = x[start : start + t * h * w].astype(jnp.float32).reshape(t, h // kh, kh, w // kw, kw, -1)
-        item = item.mean(axis=0).transpose(0, 2, 1, 3, 4)
-        out.append(item.reshape((h // kh) * (w // kw), kh * kw, -1))
-        start += t * h * w
-    return jnp.concatenate(out, axis=0).astype(x.dtype)
+def merge_patches(x: jax.Array, layout: PatchLayout) -> jax.Array:
+    """[T, D] -> [M, G, D]: each merged token of ``layout`` is its kh x kw block of patches
+    (row-major within the block), each patch averaged over its medium's frames (float32)."""
+    frames = jnp.asarray(layout.merge_frames)
+    patches = x.astype(jnp.float32)[layout.merge]  # [M, frames, G, D]
+    used = jnp.arange(patches.shape[1]) < frames[:, None]
+    total = jnp.where(used[:, :, None, None], patches, 0.0).sum(axis=1)
+    return (total / jnp.maximum(frames, 1).astype(jnp.float32)[:, None, None]).astype(x.dtype)
 
 
 class VisionTower(nnx.Module):
@@ -364,25 +462,23 @@ class VisionTower(nnx.Module):
         self.encoder = Encoder(cfg, rngs, dtype, attention_impl)
 
     def __call__(
-        self, pixel_values: jax.Array, grids: Sequence[Grid], named: dict[str, jax.Array] | None = None
+        self, pixel_values: jax.Array, layout: PatchLayout, media: tuple[int, ...] | jax.Array,
+        named: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
-        """Patches [sum T*H*W, 3, p, p] of the media ``grids`` -> ``final_layernorm`` output
-        [sum T*H*W, D]. Records ``patch_proj_out``, ``patch_embed_out`` and ``block{i}_out``
-        into ``named`` when given."""
+        """Patches [T, 3, p, p] placed by ``layout``, attending within ``media`` (see
+        :meth:`EncoderBlock.attention`) -> ``final_layernorm`` output [T, D]. Records
+        ``patch_proj_out``, ``patch_embed_out`` and ``block{i}_out`` into ``named`` when given."""
         named = {} if named is None else named
-        proj, pos_emb = self.patch_embed.proj, self.patch_embed.pos_emb
+        proj = self.patch_embed.proj
         dtype = proj.weight.dtype
         x = proj("tp,pd->td", pixel_values.reshape(pixel_values.shape[0], -1).astype(dtype))
         named["patch_proj_out"] = x
-        x = x + jnp.concatenate([pos_emb(g) for g in grids], axis=0).astype(dtype)
+        x = x + self.patch_embed.pos_emb.embed(layout).astype(dtype)
         named["patch_embed_out"] = x
-        tables = [rope_2d(g, self.cfg.head_dim) for g in grids]
-        cos = jnp.concatenate([c for c, _ in tables], axis=0)
-        sin = jnp.concatenate([s for _, s in tables], axis=0)
-        lengths = [t * h * w for t, h, w in grids]
+        cos, sin = rope_2d(layout.row, layout.col, self.cfg.head_dim)
         for i, block in enumerate(self.encoder.blocks):
             with jax.named_scope(f"vision_block{i}"):
-                x = block(x, cos, sin, lengths)
+                x = block(x, cos, sin, media)
             named[f"block{i}_out"] = x
         return self.encoder.final_layernorm(x)
 
@@ -425,7 +521,8 @@ class MoonViT(nnx.Module):
     (XLA, any backend; materializes [N, n, n] float32 scores per medium) or ``"cudnn"``
     (cuDNN flash attention; NVIDIA GPUs, bfloat16 / float16 only). On one H200, the real
     config in bfloat16 encodes a 16384-patch image in 620 ms with ``None`` and 139 ms with
-    ``"cudnn"``.
+    ``"cudnn"``. :func:`project_bucketed` uses either with a mask that keeps each medium to
+    itself (cuDNN adds it as a [B, B] bias).
     """
 
     def __init__(
@@ -463,15 +560,32 @@ def project_media(
 ) -> jax.Array:
     """The whole vision pipeline: packed patches of the media ``grids`` -> decoder embeddings
     [M, O] in media order. Records the stages (see :meth:`MoonViT.__call__`) into ``named``."""
-    cfg = tower.cfg
-    n = sum(t * h * w for t, h, w in grids)
-    if pixel_values.shape != (n, 3, cfg.patch_size, cfg.patch_size):
-        raise ValueError(
-            f"pixel_values has shape {tuple(pixel_values.shape)}; grid_thws {list(grids)} need "
-            f"{(n, 3, cfg.patch_size, cfg.patch_size)}"
-        )
-    hidden = tower(jnp.asarray(pixel_values), grids, named)
-    merged = merge_patches(hidden, grids, cfg.merge_kernel_size)
+    check_pixel_values(pixel_values.shape, grids, tower.cfg)
+    lengths = tuple(t * h * w for t, h, w in grids)
+    return _project(tower, projector, jnp.asarray(pixel_values), patch_layout(grids, tower.cfg), lengths, named)
+
+
+def project_bucketed(
+    tower: VisionTower, projector: Projector, pixel_values: jax.Array, layout: PatchLayout
+) -> jax.Array:
+    """:func:`project_media` of media padded to a bucket of B patches (:func:`pad_media`:
+    ``pixel_values`` [B, 3, p, p] and their ``layout``) -> [B // G, O], of which the first M
+    rows are the media's decoder embeddings (M: their merged tokens) and the rest padding.
+
+    Shapes depend on B only, so under ``jit`` one program serves all media of B patches or
+    fewer. Attention is one masked attention over the B patches (memory grows as B^2 with
+    XLA: [N, B, B] float32 scores).
+    """
+    layout = jax.tree.map(jnp.asarray, layout)
+    return _project(tower, projector, jnp.asarray(pixel_values), layout, layout.medium, None)
+
+
+def _project(
+    tower: VisionTower, projector: Projector, pixel_values: jax.Array, layout: PatchLayout,
+    media: tuple[int, ...] | jax.Array, named: dict[str, jax.Array] | None,
+) -> jax.Array:
+    hidden = tower(pixel_values, layout, media, named)
+    merged = merge_patches(hidden, layout)
     projected = projector(merged)
     if named is not None:
         named.update(final_layernorm_out=hidden, merged=merged, projected=projected)

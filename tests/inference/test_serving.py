@@ -93,8 +93,8 @@ def test_no_request_compiles_after_warm_up(model, prompts, mesh):
     assert compiled == []
 
 
-def test_images_compile_once_per_grid():
-    """After an image of one grid, another image of that grid in a prompt of another length,
+def test_an_image_beside_text_compiles_nothing_more():
+    """After an image, another image (of the same bucket) in a prompt of another length,
     beside a text request, compiles nothing."""
     from kimi_jax.config.model import KimiConfig
     from kimi_jax.testing.models import random_model

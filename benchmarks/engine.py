@@ -166,14 +166,15 @@ def main() -> None:
         @functools.partial(jax.jit, static_argnames="block", donate_argnames="cache")
         def attend(state, x, cache, positions, block):  # the cache donated, as in the engine's step
             cos, sin = _rope(cfg, positions)
-            return nnx.merge(graphdef, state).cached(x, cos, sin, positions, cache, absorbed=True, key_block=block)
+            return nnx.merge(graphdef, state).cached(x, cos, sin, positions, cache, jnp.int32(0), absorbed=True,
+                                                     key_block=block)
 
         for cached in ((4096, 32768, 131072) if not args.tiny else (256, 1024)):
             for batch in (1, 32):
                 C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
                 key = jax.random.key(cached + batch)
-                cache = LayerCache(jax.random.normal(key, (batch, cached, C), jnp.bfloat16),
-                                   jax.random.normal(key, (batch, cached, R), jnp.bfloat16))
+                cache = LayerCache(jax.random.normal(key, (batch, 1, cached, C), jnp.bfloat16),
+                                   jax.random.normal(key, (batch, 1, cached, R), jnp.bfloat16))
                 x = jax.random.normal(key, (batch, 1, cfg.hidden_size), jnp.bfloat16)
                 positions = jnp.full((batch, 1), cached - 1, jnp.int32)
                 floor = (cache.c_kv.nbytes + cache.k_pe.nbytes + weights) / bw

@@ -301,11 +301,14 @@ class Target:
 
 
 def abstract_params(config: KimiConfig, dtype, expert_format: str = "dense") -> dict:
-    """The model's parameter tree as ShapeDtypeStructs (no memory)."""
+    """The checkpoint's parameter tree as ShapeDtypeStructs (no memory): the model's, with
+    one ``language_model.layers`` entry per decoder layer (``kimi_jax.model.decoder.per_layer``)."""
+    from kimi_jax.model.decoder import per_layer
     from kimi_jax.model.kimi import Kimi
 
     model = nnx.eval_shape(lambda: Kimi(config, dtype=dtype, rngs=nnx.Rngs(0), expert_format=expert_format))
-    return nnx.state(model).to_pure_dict()
+    params = nnx.state(model).to_pure_dict()
+    return {**params, "language_model": per_layer(config.text, params["language_model"])}
 
 
 def text_prefixes(names) -> tuple[str, str]:

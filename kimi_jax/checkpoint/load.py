@@ -15,6 +15,7 @@ from kimi_jax.checkpoint import integrity
 from kimi_jax.checkpoint.convert import DTYPES, FORMAT_VERSION, INFO_FILE, PARAMS_DIR
 from kimi_jax.checkpoint.destination import absolute
 from kimi_jax.config.model import KimiConfig
+from kimi_jax.model.decoder import per_layer
 from kimi_jax.model.kimi import Kimi
 from kimi_jax.parallel.layout import Layout
 from kimi_jax.parallel.placement import Parallel
@@ -119,7 +120,44 @@ def load(
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.to_pure_dict(), shardings
     )
-    if expert_format == "int4" and info["format_version"] < 3:  # INT4 values stored as jnp.int4
+    restored = _restore(path, target, config, int4_as_values=expert_format == "int4" and info["format_version"] < 3)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def _restore(path: Path, target: dict, config: KimiConfig, *, int4_as_values: bool) -> dict:
+    """The model's arrays (``target``: ShapeDtypeStructs with shardings) read from the
+    checkpoint, whose decoder layers are stored one by one: each run of stacked layers is
+    allocated, then filled a layer at a time in place, so reading takes at most one layer
+    beyond the model. ``int4_as_values``: INT4 experts stored as int4 values (format 2)."""
+    lm = target["language_model"]
+    rest = {**target, "language_model": {k: v for k, v in lm.items() if k != "runs"}}
+    restored = _read(path, rest, int4_as_values)
+    layers = per_layer(config.text, lm)["layers"]
+    runs = {}
+    for r, (start, count) in enumerate(config.text.layer_runs):
+        run_shardings = jax.tree.map(lambda t: t.sharding, lm["runs"][r])
+        stack = jax.jit(lambda run=lm["runs"][r]: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), run),
+                        out_shardings=run_shardings)()
+        insert = jax.jit(_insert, donate_argnums=0, out_shardings=run_shardings)
+        for j in range(count):
+            layer = _read(path, {"language_model": {"layers": {start + j: layers[start + j]}}}, int4_as_values)
+            stack = insert(stack, layer["language_model"]["layers"][start + j], j)
+        runs[r] = stack
+    restored["language_model"]["runs"] = runs
+    return restored
+
+
+def _insert(stack, layer, j):
+    """``stack`` (a run's arrays, [L, ...]) with entry ``j`` replaced by ``layer``'s arrays."""
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), j, 0), stack, layer)
+
+
+def _read(path: Path, target: dict, int4_as_values: bool) -> dict:
+    """The arrays of ``target`` (a part of the checkpoint's tree) read into their shardings;
+    a file that is missing or cut short raises one ``ValueError`` naming the array."""
+    shardings = jax.tree.map(lambda t: t.sharding, target)
+    if int4_as_values:
         target = jax.tree.map(_as_int4, target)
     options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
     memory = ocp.options.MemoryOptions(read_concurrent_bytes=READ_CONCURRENT_BYTES)
@@ -133,9 +171,12 @@ def load(
             raise
     if error is not None:
         raise error
-    restored = jax.tree.map(_as_words, restored, shardings)
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    missing = [jax.tree_util.keystr(p, simple=True, separator="/") for p, x in jax.tree_util.tree_leaves_with_path(restored)
+               if isinstance(x, jax.ShapeDtypeStruct)]
+    if missing:  # partial loading leaves what the checkpoint lacks as it was asked for
+        raise ValueError(f"{path} lacks the arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}: convert the "
+                         "Hugging Face checkpoint again with `kimi-jax convert SRC DST --overwrite`")
+    return jax.tree.map(_as_words, restored, shardings)
 
 
 def _as_int4(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:

@@ -183,6 +183,13 @@ class TextConfig:
         return i >= self.first_k_dense_replace
 
     @property
+    def layer_runs(self) -> tuple[tuple[int, int], ...]:
+        """(first layer, number of layers) of each run of identical decoder layers: the dense
+        layers, then the MoE layers (the model scans each run)."""
+        k = min(self.first_k_dense_replace, self.num_hidden_layers)
+        return tuple((start, n) for start, n in ((0, k), (k, self.num_hidden_layers - k)) if n)
+
+    @property
     def shared_intermediate_size(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
 

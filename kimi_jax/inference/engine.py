@@ -17,9 +17,10 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 numpy arrays of fixed dtypes, and every step returns the slot state in the shardings it
 takes, so each step compiles once. :meth:`Engine.warm_up` (run by the first step) compiles
 them all: afterwards no request compiles anything, whatever its prompt length, sampling
-settings, seed, stop ids, budget or reused prefix. Media: the vision tower runs outside the
-steps and compiles once per set of image grids; the prefill step splices its features into
-the chunks' embeddings.
+settings, seed, stop ids, budget or reused prefix, and whatever its media: the vision tower
+runs outside the steps on a request's media padded to one of a few patch counts (the
+``media_buckets``, one program each), and the prefill step splices its features into the
+chunks' embeddings.
 
 **Prefix reuse.** The engine remembers which tokens each slot's cache holds (the prompt
 and the fed tokens of its last request). A new request takes the free slot whose cache
@@ -60,7 +61,14 @@ from kimi_jax.model.cache import KVCache
 from kimi_jax.model.inputs import check_prompts
 from kimi_jax.model.kimi import Kimi, media_grids
 from kimi_jax.model.mla import absorbed_is_cheaper
-from kimi_jax.model.vision import Grid, project_media
+from kimi_jax.model.vision import (
+    Grid,
+    PatchLayout,
+    VisionConfig,
+    check_pixel_values,
+    pad_media,
+    project_bucketed,
+)
 from kimi_jax.parallel.placement import Parallel, to_host
 
 MAX_STOP_IDS = 16
@@ -217,10 +225,8 @@ def deactivate_step(slots: SlotState, slot: jax.Array, *, parallel: Parallel | N
 @functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
 def copy_slot_step(slots: SlotState, src: jax.Array, dst: jax.Array, *, parallel: Parallel | None = None) -> SlotState:
     """Copies slot ``src``'s cached latents into slot ``dst`` (for a shared prefix)."""
-    layers = tuple(
-        jax.tree.map(lambda a: a.at[dst].set(a[src]), layer) for layer in slots.cache.layers
-    )
-    return _placed(dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, layers=layers)), parallel)
+    runs = jax.tree.map(lambda a: a.at[dst].set(a[src]), slots.cache.runs)
+    return _placed(dataclasses.replace(slots, cache=dataclasses.replace(slots.cache, runs=runs)), parallel)
 
 
 @functools.partial(jax.jit, static_argnames="parallel", donate_argnames="slots")
@@ -236,26 +242,45 @@ def key_data_step(seed: jax.Array) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grids"))
-def media_step(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array, grids: tuple[Grid, ...]) -> jax.Array:
-    """The features [M, D] of the media ``grids`` for their M placeholders (vision tower and
-    projector), in the embeddings' dtype; ``graphdef`` / ``state`` are ``nnx.split`` of the
+@functools.partial(jax.jit, static_argnames="graphdef")
+def media_step(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array, layout: PatchLayout) -> jax.Array:
+    """The features [B // G, D] (vision tower and projector, in the embeddings' dtype) of media
+    padded to a bucket of B patches (``kimi_jax.model.vision.pad_media``); the first rows,
+    one per placeholder, are the media's. One program per bucket, which :meth:`Engine.warm_up`
+    compiles ahead of time. ``graphdef`` / ``state`` are ``nnx.split`` of the
     :class:`~kimi_jax.model.Kimi` model."""
     model = nnx.merge(graphdef, state)
-    features = project_media(model.vision_tower, model.mm_projector, pixel_values, grids)
+    features = project_bucketed(model.vision_tower, model.mm_projector, pixel_values, layout)
     return features.astype(model.language_model.embed_tokens[...].dtype)
 
 
 @functools.partial(jax.jit, static_argnames="parallel")
-def media_rows_step(features: jax.Array, index: jax.Array, *, parallel: Parallel | None = None) -> jax.Array:
-    """Rows ``index`` [T] of ``features`` [M, D], the features of a prefill chunk's positions
-    (replicated over the mesh, as the engine's rows without media are)."""
-    rows = features[index]
+def media_rows_step(
+    features: jax.Array, index: jax.Array, rows: jax.Array, *, parallel: Parallel | None = None
+) -> jax.Array:
+    """``rows`` [T, D] with row ``i`` replaced by row ``index[i]`` of ``features`` [M, D] where
+    that is >= 0: a prefill chunk's positions take their features (replicated over the mesh,
+    as the engine's rows without media are)."""
+    rows = jnp.where(index[:, None] >= 0, features[jnp.maximum(index, 0)], rows)
     return rows if parallel is None else jax.lax.with_sharding_constraint(rows, parallel.sharding((None, None)))
 
 
+MAX_DEFAULT_MEDIA_BUCKET = 32768
+"""The largest default media bucket (patches): it holds any medium of K2.5's own preprocessing
+(an image is at most about 17.7K patches, a 4-frame video chunk about 21.5K)."""
+
+
+def default_media_buckets(vision: VisionConfig, max_length: int) -> tuple[int, ...]:
+    """Powers of two of patches from 256 (or fewer, for a short ``max_length``) up to the first
+    that holds the largest medium of ``max_length`` tokens (a video chunk of ``pos_emb_time``
+    frames: tokens x kh x kw x frames patches), at most :data:`MAX_DEFAULT_MEDIA_BUCKET`."""
+    kh, kw = vision.merge_kernel_size
+    top = min(MAX_DEFAULT_MEDIA_BUCKET, 1 << (max_length * kh * kw * vision.pos_emb_time - 1).bit_length())
+    return tuple(1 << k for k in range(min(8, top.bit_length() - 1), top.bit_length()))
+
+
 _STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
-          media_step, media_rows_step)
+          media_rows_step)
 
 
 def _compilations() -> int:
@@ -299,14 +324,14 @@ class Request:
 
 @dataclasses.dataclass
 class _Prefill:
-    """A request being prefilled: its slot, the next prompt position and, with media, their
-    features [M, D] and the row of them each prompt position takes (-1: a token)."""
+    """A request being prefilled: its slot, the next prompt position and, with media, each
+    run of the vision tower's features [M, D] and the row of them each prompt position takes
+    (-1: none)."""
 
     request: Request
     slot: int
     cursor: int
-    features: jax.Array | None = None
-    feature_rows: np.ndarray | None = None
+    media: list[tuple[jax.Array, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -318,11 +343,18 @@ class Engine:
     ``cache_dtype`` the cache's dtype; ``key_block`` overrides the attention key block
     (``kimi_jax.inference.steps.key_block_for``). The first :meth:`step` compiles every step
     (:meth:`warm_up`).
+
+    ``media_buckets`` (models with a vision tower) are the patch counts the vision tower runs
+    at (default :func:`default_media_buckets`). A request's media run, in order, in as few
+    runs as fit the largest bucket, each padded to the smallest bucket that holds it; a
+    medium larger than the largest bucket is refused. Each bucket costs one program and,
+    with XLA attention, [N, B, B] float32 scores while it runs.
     """
 
     def __init__(
         self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
         prefill_rows: int = 4, cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
+        media_buckets: Sequence[int] | None = None,
     ):
         cfg = model.config.text
         for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk),
@@ -347,10 +379,18 @@ class Engine:
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
         self._slots = self._empty_slots()
         self._no_media = None  # the features of a prefill row without media
+        self.media_buckets: tuple[int, ...] = ()
+        self._media_programs: dict[int, jax.stages.Compiled] = {}  # bucket -> media_step, compiled by warm_up
         if self.vision is not None:
-            zeros = np.zeros((self.chunk, cfg.hidden_size), model.language_model.embed_tokens[...].dtype)
-            replicated = None if self._parallel is None else self._parallel.sharding((None, None))
-            self._no_media = jax.device_put(zeros, replicated)
+            buckets = default_media_buckets(self.vision, max_length) if media_buckets is None else media_buckets
+            if not buckets or not all(isinstance(b, int | np.integer) and b > 0 for b in buckets):
+                raise ValueError(f"media_buckets must be positive ints, got {media_buckets!r}")
+            self.media_buckets = tuple(sorted({int(b) for b in buckets}))
+            embed = model.language_model.embed_tokens[...]
+            zeros = np.zeros((self.chunk, cfg.hidden_size), embed.dtype)
+            self._no_media = jax.device_put(  # committed, as the media's features are (_media_step)
+                zeros, embed.sharding if self._parallel is None else self._parallel.sharding((None, None))
+            )
         self._masks = all_allowed(max_slots, cfg.vocab_size)  # what the device's slots.allowed holds
         self._masks_clear = True
         self._waiting: collections.deque[Request] = collections.deque()
@@ -371,15 +411,20 @@ class Engine:
         return slots if self._parallel is None else self._parallel.place_batch(slots)
 
     def warm_up(self) -> None:
-        """Compiles every step a request can need but the media steps (which compile once per set
-        of image grids), by running each on the empty state with arguments that change nothing
-        a request sees. The first :meth:`step` calls it; later calls do nothing.
+        """Compiles every step a request can need, by running each on the empty state with
+        arguments that change nothing a request sees, and the vision tower at each media bucket
+        ahead of time (compiled, not run: its attention is quadratic in the bucket). The first
+        :meth:`step` calls it; later calls do nothing.
 
         A round of the steps is run again while it compiles something: tracing the model may
         import a module that changes jit's cache keys (``kimi_jax.kernels.grouped`` imports
         tokamax where first traced), and the steps traced before must then compile again."""
         if self._warm:
             return
+        for bucket in self.media_buckets:
+            none = np.zeros((0, 3, self.vision.patch_size, self.vision.patch_size), np.float32)
+            lowered = media_step.lower(*self._whole, *pad_media(none, (), self.vision, bucket))
+            self._media_programs[bucket] = lowered.compile()
         slot = 0  # every slot is free: the first step calls this before admitting any request
         for _ in range(3):
             compiled = _compilations()
@@ -389,6 +434,10 @@ class Engine:
             self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
             self._slots = decode_step(self.graphdef, self.state, self._slots, key_block=self._decode_block)[0]
             self._prefill_chunks()  # no request: every row feeds nothing
+            for program in self._media_programs.values():  # a chunk's rows from (zero) features of each bucket
+                out = program.out_info
+                features = jax.device_put(np.zeros(out.shape, out.dtype), self._no_media.sharding)
+                media_rows_step(features, np.full(self.chunk, -1, np.int32), self._no_media, parallel=self._parallel)
             if _compilations() == compiled:
                 break
         self._warm = True
@@ -408,8 +457,9 @@ class Engine:
         ``stop_ids`` (at most :data:`MAX_STOP_IDS`, the stop token included in its output),
         after ``max_new_tokens``, or when its slot is full. ``on_token(token_id)`` is called
         as each token arrives. Media: ``pixel_values`` / ``grid_thws`` for a prompt holding
-        one ``<|media_pad|>`` per media token. ``constraint`` restricts each token to those its
-        mask allows (:class:`TokenConstraint`).
+        one ``<|media_pad|>`` per media token (ValueError for a medium larger than the largest
+        of ``media_buckets``). ``constraint`` restricts each token to those its mask allows
+        (:class:`TokenConstraint`).
         """
         [prompt] = check_prompts([prompt_ids], self.config.vocab_size)
         if len(prompt) > self.max_length:
@@ -435,6 +485,8 @@ class Engine:
         if grids:
             placeholders = int((np.asarray(prompt) == self.placeholder_id).sum())
             check_expanded(placeholders, grids, self.vision.merge_kernel_size)
+            check_pixel_values(np.shape(pixel_values), grids, self.vision)
+            self._media_runs(grids)  # refuses a medium larger than the largest bucket
             media = (np.asarray(pixel_values), np.asarray(grid_thws).reshape(-1, 3))
         request = Request(
             self._next_id, prompt, max_new_tokens, float(temperature), float(top_p), top_k, int(seed), stops,
@@ -450,7 +502,8 @@ class Engine:
             self.step()
 
     def stats(self) -> dict[str, int]:
-        """Tokens prefilled, reused from the cache and decoded; steps; compilations since creation."""
+        """Tokens prefilled, reused from the cache and decoded; steps; compilations of the steps
+        since creation (the vision tower's programs, compiled ahead of time by :meth:`warm_up`, apart)."""
         return {**self._stats, "compilations": _compilations() - self._compiled_at_start,
                 "running": len(self._running), "waiting": len(self._waiting) + len(self._prefilling),
                 "free_slots": len(self._free)}
@@ -531,7 +584,7 @@ class Engine:
             self._cached[slot] = list(request.prompt_ids[:prefix])
             job = _Prefill(request, slot, prefix)
             if request.media is not None:
-                job.features, job.feature_rows = self._media_features(request)
+                job.media = self._media_features(request)
             self._prefilling.append(job)
 
     def _prepare_slot(
@@ -567,14 +620,49 @@ class Engine:
         best = max(busy, key=lambda s: _common_prefix(self._cached[s], prompt))
         return best, _common_prefix(self._cached[best], prompt)
 
-    def _media_features(self, request: Request) -> tuple[jax.Array, np.ndarray]:
-        """The features [M, D] of the request's media and the row of them each prompt position
-        takes (-1: a token)."""
+    def _media_runs(self, grids: Sequence[Grid]) -> list[tuple[int, int, int]]:
+        """Media ``grids`` split, in order, into runs of the vision tower that fit the largest
+        media bucket: (first medium, end, the smallest bucket holding the run's patches).
+        ValueError for a medium larger than the largest bucket."""
+        largest = self.media_buckets[-1]
+        runs, first, patches = [], 0, 0
+        for i, (t, h, w) in enumerate(grids):
+            n = t * h * w
+            if n > largest:
+                raise ValueError(
+                    f"medium {i} (grid {(t, h, w)}) has {n} patches, more than the engine's largest media bucket "
+                    f"({largest} patches; media_buckets={list(self.media_buckets)})"
+                )
+            if patches + n > largest:
+                runs.append((first, i, patches))
+                first, patches = i, 0
+            patches += n
+        runs.append((first, len(grids), patches))
+        return [(a, b, min(x for x in self.media_buckets if x >= size)) for a, b, size in runs]
+
+    def _media_step(self, pixel_values: np.ndarray, layout: PatchLayout) -> jax.Array:
+        """:func:`media_step` (its program for the bucket of ``pixel_values``), the features
+        committed where the rows without media are: one program of each later step then takes
+        the rows of chunks with and without media."""
+        features = self._media_programs[len(pixel_values)](self._whole[1], pixel_values, layout)
+        return jax.device_put(features, self._no_media.sharding)
+
+    def _media_features(self, request: Request) -> list[tuple[jax.Array, np.ndarray]]:
+        """Runs the vision tower on the request's media (:meth:`_media_runs`): each run's
+        features [B // G, D] and the row of them each prompt position takes (-1: none)."""
         pixel_values, grid_thws = request.media
-        graphdef, state = self._whole
-        features = media_step(graphdef, state, pixel_values, media_grids(self.vision, pixel_values, grid_thws))
-        is_media = np.asarray(request.prompt_ids) == self.placeholder_id
-        return features, np.where(is_media, np.cumsum(is_media) - 1, -1).astype(np.int32)
+        grids = media_grids(self.vision, pixel_values, grid_thws)
+        placeholders = np.flatnonzero(np.asarray(request.prompt_ids) == self.placeholder_id)
+        out, patch, token = [], 0, 0
+        for first, end, bucket in self._media_runs(grids):
+            run = grids[first:end]
+            n, m = sum(t * h * w for t, h, w in run), sum(self.vision.num_tokens(g) for g in run)
+            features = self._media_step(*pad_media(pixel_values[patch : patch + n], run, self.vision, bucket))
+            rows = np.full(len(request.prompt_ids), -1, np.int32)
+            rows[placeholders[token : token + m]] = np.arange(m)
+            out.append((features, rows))
+            patch, token = patch + n, token + m
+        return out
 
     def _prefill_chunks(self):
         """Feeds the next chunk of the oldest ``prefill_rows`` requests being prefilled; those on
@@ -592,12 +680,12 @@ class Engine:
             n = counts[i] = min(T, len(prompt) - job.cursor)
             final[i] = job.cursor + n == len(prompt)
             ids[i, :n] = prompt[job.cursor : job.cursor + n]
-            if job.features is not None:
+            for run, feature_rows in job.media:
                 index = np.full(T, -1, np.int32)
-                index[:n] = job.feature_rows[job.cursor : job.cursor + n]
+                index[:n] = feature_rows[job.cursor : job.cursor + n]
                 if (index >= 0).any():
-                    is_media[i] = index >= 0
-                    features[i] = media_rows_step(job.features, np.maximum(index, 0), parallel=self._parallel)
+                    is_media[i] |= index >= 0
+                    features[i] = media_rows_step(run, index, features[i], parallel=self._parallel)
         media = None if self.vision is None else (tuple(features), is_media)
         self._slots, tokens, finished = prefill_step(
             self.graphdef, self.state, self._slots, rows, ids, media, counts, final,

@@ -257,12 +257,13 @@ def _tile(g_ref, t, *, m: int, e: int, bm: int):
     return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
 
 
-def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, precision):
+def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, precision):
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups = bk // GROUP
     j = pl.program_id(0)
     t = pl.program_id(1)
     expert, row0, row1 = _tile(g_ref, t, m=m, e=e, bm=bm)
+    stored = base_ref[0] + expert  # the expert's index in q / scales (a stacked run's layer offset)
     n0 = pl.multiple_of(j * bn, bn)
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     dtype = x_ref.dtype
@@ -273,11 +274,11 @@ def _kernel(g_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n
 
         def body(kb, acc):
             if cfg.planes:
-                return acc + _planes(q_ref, s_ref, x_ref, expert, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
+                return acc + _planes(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
                                      dtype, precision, cfg.swap)
             k0 = pl.multiple_of(kb * bk, bk)
             xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
-            w = _dequant_words(q_ref, s_ref, expert, n0, kb * groups, bn, groups, dtype)
+            w = _dequant_words(q_ref, s_ref, stored, n0, kb * groups, bn, groups, dtype)
             if cfg.swap:
                 d = lax.dot_general(w, xk, (((1,), (1,)), ((), ())), precision=precision,
                                     preferred_element_type=jnp.float32)
@@ -305,37 +306,48 @@ def int4_grouped_matmul(
     *,
     config: Config | None = None,
     interpret: bool = False,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """``x [M, in]`` rows grouped by expert, times their expert's dequantized W.T -> ``[M, out]``.
 
     ``q`` uint32 words ``[E, out, in/8]``; ``scales`` ``[E, out, in/32]``; ``group_sizes``
-    int32 ``[E]``, sum <= M (rows past it are zeros). ``interpret=True`` runs the same kernel
-    body through Pallas' interpreter (CPU tests).
+    int32 ``[E]``, sum <= M (rows past it are zeros). With ``layer`` (int32), ``q`` and
+    ``scales`` are a run's stack ``[L, E, ...]`` and layer ``layer``'s experts are read in
+    place (no slice is copied). ``interpret=True`` runs the same kernel body through Pallas'
+    interpreter (CPU tests).
     """
+    base = jnp.zeros((1,), jnp.int32)
+    if layer is not None:
+        if q.ndim != 4 or scales.ndim != 4:
+            raise ValueError(f"int4_grouped_matmul: with a layer, q {q.shape} / scales {scales.shape} must be [L, E, ...]")
+        base = (jnp.asarray(layer, jnp.int32) * q.shape[1]).reshape(1)
+        q, scales = q.reshape(-1, *q.shape[2:]), scales.reshape(-1, *scales.shape[2:])  # free: [L * E, ...]
     m, k = x.shape
     if q.dtype != jnp.uint32 or q.ndim != 3:
         raise ValueError(f"int4_grouped_matmul: q must be uint32 words [E, out, in/8], got {q.dtype} {q.shape}")
     e, n, kw = q.shape
+    if layer is not None:
+        e = group_sizes.shape[0]
     if kw * 8 != k:
         raise ValueError(f"int4_grouped_matmul: q {q.shape} (8 inputs per word) does not match x {x.shape}")
-    if k % GROUP or scales.shape != (e, n, k // GROUP):
+    if k % GROUP or scales.shape != (q.shape[0], n, k // GROUP):
         raise ValueError(f"int4_grouped_matmul: scales {scales.shape} do not match q {q.shape} (one per {GROUP})")
     if group_sizes.shape != (e,):
         raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
-    for name, size in (("x", x.size), ("q", q.size), ("scales", scales.size), ("the output", m * n)):
+    for name, size in (("x", x.size), ("the output", m * n)):  # q and scales (a whole stack): 64-bit offsets past 4 GiB
         if size >= 2**31:
             raise ValueError(f"int4_grouped_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
-    return _call(x, q, scales, group_sizes, cfg=cfg, interpret=interpret)
+    return _call(x, q, scales, group_sizes, base, cfg=cfg, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _call(x, q, scales, group_sizes, *, cfg: Config, interpret: bool):
+def _call(x, q, scales, group_sizes, base, *, cfg: Config, interpret: bool):
     m, k = x.shape
-    e, n = q.shape[:2]
+    e, n = group_sizes.shape[0], q.shape[1]
     t_max = max_row_tiles(m, e, cfg.block_m)
     # Unless planes: a view that keeps one scale group (4 words) on its own axis (a free reshape).
-    qv = q if cfg.planes else q.reshape(e, n, k // GROUP, GROUP // 8)
+    qv = q if cfg.planes else q.reshape(q.shape[0], n, k // GROUP, GROUP // 8)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision)
     compiler_params = None
@@ -348,7 +360,7 @@ def _call(x, q, scales, group_sizes, *, cfg: Config, interpret: bool):
         interpret=interpret,
         compiler_params=compiler_params,
         name="int4_grouped_matmul",
-    )(group_sizes.astype(jnp.int32), x, qv, scales)
+    )(group_sizes.astype(jnp.int32), base, x, qv, scales)
 
 
 def expert_bytes(q: jax.Array, scales: jax.Array, group_sizes: Any) -> int:

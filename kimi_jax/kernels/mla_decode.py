@@ -243,6 +243,11 @@ def _combine_blocks(batch: int, splits: int, rows_pad: int, c: int) -> tuple[int
     return sc, br, bc
 
 
+def fits(latent: int, rope: int) -> bool:
+    """Whether the kernel takes a model's kv latent and rope widths (powers of two >= 16)."""
+    return all(n >= 16 and not n & (n - 1) for n in (latent, rope))
+
+
 def tuned_config(batch: int) -> dict:
     """Block sizes measured best on an H100 at 32K cached tokens (``benchmarks/mla_decode.py
     --sweep``): 64-row blocks with 256-column dots from batch 8 (67% of the copy bandwidth at

@@ -1,10 +1,14 @@
 """The compressed MLA key/value cache, an explicit pytree.
 
-Einsum letters: B batch, T new positions, S cache slots, C kv latent (kv_lora_rank), R rope dim.
+Einsum letters: B batch, L layers of a run, T new positions, S cache slots, C kv latent
+(kv_lora_rank), R rope dim.
 
 Per layer the cache holds only what MLA's absorbed form attends over: the normalized latent
-``c_kv`` [B, S, C] and the roped shared key ``k_pe`` [B, S, R], i.e. ``kv_lora_rank +
-qk_rope_head_dim`` values per token per layer (576 for K2.5, 1152 bytes in bfloat16).
+``c_kv`` and the roped shared key ``k_pe``, i.e. ``kv_lora_rank + qk_rope_head_dim`` values
+per token per layer (576 for K2.5, 1152 bytes in bfloat16). The layers are scanned in runs
+(``TextConfig.layer_runs``), so the cache holds one :class:`LayerCache` per run,
+its layers stacked after the batch axis: ``c_kv`` [B, L, S, C], ``k_pe`` [B, L, S, R]. A
+layer step reads and writes its own layer of the stack in place (no copy of the stack).
 
 Sequence ``b`` occupies slots ``0 .. lengths[b] - 1``, slot = position. Each step appends a
 row's new tokens at its own length (sequences are right-padded), so rows of different
@@ -25,29 +29,33 @@ from kimi_jax.config.model import TextConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's cache: latent ``c_kv`` [B, S, C] and roped key ``k_pe`` [B, S, R]."""
+    """The cache of one run of layers: latents ``c_kv`` [B, L, S, C] and roped keys ``k_pe`` [B, L, S, R]."""
 
     c_kv: jax.Array
     k_pe: jax.Array
 
-    def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array) -> LayerCache:
-        """Stores new entries ``c_kv`` [B, T, C] and ``k_pe`` [B, T, R] at slots ``positions`` [B, T].
-
-        Values are cast to the cache's dtype; positions past the cache's end are dropped.
-        """
+    def write(self, layer: jax.Array, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array) -> LayerCache:
+        """Stores layer ``layer``'s new entries ``c_kv`` [B, T, C] and ``k_pe`` [B, T, R] at
+        slots ``positions`` [B, T]. Values are cast to the cache's dtype; positions past the
+        cache's end are dropped."""
         rows = jnp.arange(positions.shape[0])[:, None]
         return LayerCache(
-            self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
-            self.k_pe.at[rows, positions].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+            self.c_kv.at[rows, layer, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            self.k_pe.at[rows, layer, positions].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
         )
+
+    def layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Layer ``layer``'s latents [B, S, C] and roped keys [B, S, R]."""
+        return (jax.lax.dynamic_index_in_dim(self.c_kv, layer, axis=1, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.k_pe, layer, axis=1, keepdims=False))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """All layers' caches plus the number of tokens each sequence holds, ``lengths`` [B] (int32)."""
+    """The caches of all runs of layers plus the number of tokens each sequence holds, ``lengths`` [B] (int32)."""
 
-    layers: tuple[LayerCache, ...]
+    runs: tuple[LayerCache, ...]
     lengths: jax.Array
 
     @classmethod
@@ -56,11 +64,11 @@ class KVCache:
         if length < 1 or batch < 1:
             raise ValueError(f"a cache needs at least one sequence and one slot, got batch {batch}, length {length}")
         C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        layers = tuple(
-            LayerCache(jnp.zeros((batch, length, C), dtype), jnp.zeros((batch, length, R), dtype))
-            for _ in range(cfg.num_hidden_layers)
+        runs = tuple(
+            LayerCache(jnp.zeros((batch, count, length, C), dtype), jnp.zeros((batch, count, length, R), dtype))
+            for _, count in cfg.layer_runs
         )
-        return cls(layers, jnp.zeros((batch,), jnp.int32))
+        return cls(runs, jnp.zeros((batch,), jnp.int32))
 
     @property
     def batch(self) -> int:
@@ -69,18 +77,22 @@ class KVCache:
     @property
     def length(self) -> int:
         """Slots per sequence (S)."""
-        return self.layers[0].c_kv.shape[1]
+        return self.runs[0].c_kv.shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return sum(run.c_kv.shape[1] for run in self.runs)
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.layers[0].c_kv.dtype
+        return self.runs[0].c_kv.dtype
 
     @property
     def nbytes(self) -> int:
         """Bytes of the latents and rope keys of all layers (the lengths not counted)."""
-        return sum(layer.c_kv.nbytes + layer.k_pe.nbytes for layer in self.layers)
+        return sum(run.c_kv.nbytes + run.k_pe.nbytes for run in self.runs)
 
     @property
     def bytes_per_token_per_layer(self) -> int:
         """Bytes one cached token takes in one layer: (kv_lora_rank + qk_rope_head_dim) x dtype size."""
-        return self.nbytes // (len(self.layers) * self.batch * self.length)
+        return self.nbytes // (self.num_layers * self.batch * self.length)

@@ -3,12 +3,21 @@ final norm and lm_head.
 
 Einsum letters: B batch, T positions, D model, V vocabulary.
 
+Layers are scanned: the consecutive layers of one kind (the first ``first_k_dense_replace``
+dense layers, then the MoE layers; ``TextConfig.layer_runs``) are one :class:`DecoderLayer` whose
+weights are stacked on a leading ``layers`` axis, run with ``nnx.scan``, so compile time does
+not grow with depth. :meth:`TextModel.layer` gives one layer as its own module, and :func:`per_layer` turns a
+state into the checkpoint's one-entry-per-layer form (``layers.3...``).
+
 :meth:`TextModel.extend` is the cached step generation is built on
 (``kimi_jax.inference.steps``). With a :class:`~kimi_jax.parallel.Parallel` the hidden
 states are pinned to the layout between layers and the MoE layers run expert-parallel.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +26,7 @@ from flax import nnx
 from kimi_jax.config.model import TextConfig
 from kimi_jax.model.cache import KVCache, LayerCache
 from kimi_jax.model.layers import (
+    Quantized,
     rms_norm,
     rope_attention_factor,
     rope_table,
@@ -29,6 +39,31 @@ from kimi_jax.parallel.placement import Parallel, constrain
 
 ACTIVATION_AXES = ("batch", None, None)
 """Logical axes of the hidden states [B, T, D] between layers."""
+STACKED = {nnx.PARTITION_NAME: "layers", "axes": "layers"}
+"""How ``nnx.vmap`` / ``nnx.scan`` add or remove the leading ``layers`` axis of stacked weights."""
+
+
+
+def per_layer(cfg: TextConfig, tree: dict) -> dict:
+    """A text model's state (a pure dict of arrays or ``ShapeDtypeStruct``s) with ``runs``
+    replaced by ``layers``: one entry per decoder layer, as checkpoints store them."""
+    out = {k: v for k, v in tree.items() if k != "runs"}
+    out["layers"] = {
+        start + j: jax.tree.map(lambda a, j=j: _index(a, j), tree["runs"][r])
+        for r, (start, count) in enumerate(cfg.layer_runs)
+        for j in range(count)
+    }
+    return out
+
+
+def _index(a, j: int):
+    """Entry ``j`` of a stacked array, or the ``ShapeDtypeStruct`` (and sharding) of one."""
+    if not isinstance(a, jax.ShapeDtypeStruct):
+        return a[j]
+    sharding = a.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding)
 
 
 class DecoderLayer(nnx.Module):
@@ -49,24 +84,28 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 layer: jax.Array | None = None) -> jax.Array:
+        """``layer``: this layer's index in its run (for an MoE's stacked INT4 experts)."""
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
-        return self._residual(x, normed, self.self_attn(normed, cos, sin, mask))
+        return self._residual(x, normed, self.self_attn(normed, cos, sin, mask), layer=layer)
 
     def cached(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
-        absorbed: bool, key_block: int, valid: jax.Array | None = None,
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, layer: jax.Array,
+        *, absorbed: bool, key_block: int, valid: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
-        """The layer over new tokens at ``positions``, attending over (and writing) ``cache``;
-        ``valid`` [B, T] marks the real tokens (an MoE routes only those)."""
+        """The layer over new tokens at ``positions``, attending over (and writing) layer
+        ``layer`` of its run's ``cache``; ``valid`` [B, T] marks the real tokens (an MoE routes only those)."""
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
-        attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, absorbed=absorbed, key_block=key_block)
-        return self._residual(x, normed, attn, valid), cache
+        attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, layer, absorbed=absorbed,
+                                            key_block=key_block)
+        return self._residual(x, normed, attn, valid, layer), cache
 
-    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array, valid: jax.Array | None = None,
+                  layer: jax.Array | None = None) -> jax.Array:
         h = x + attn
         y = rms_norm(h, self.post_attention_layernorm[...], self.eps)
-        mlp = self.mlp(y, valid) if isinstance(self.mlp, MoE) else self.mlp(y)
+        mlp = self.mlp(y, valid, layer) if isinstance(self.mlp, MoE) else self.mlp(y)
         if self.capture:
             self.sow(nnx.Intermediate, "input_norm", normed)
             self.sow(nnx.Intermediate, "attn_out", attn)
@@ -75,7 +114,8 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-    """Embedding, decoder layers, final norm and the (untied) lm_head."""
+    """Embedding, decoder layers (``runs``: one stacked :class:`DecoderLayer` per
+    ``cfg.layer_runs`` entry), final norm and the (untied) lm_head."""
 
     def __init__(
         self,
@@ -93,16 +133,58 @@ class TextModel(nnx.Module):
         self.parallel = parallel
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), dtype)
-        self.layers = nnx.List(
-            [
-                DecoderLayer(
-                    cfg, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl, expert_format=expert_format, parallel=parallel
-                )
-                for i in range(cfg.num_hidden_layers)
-            ]
-        )
+
+        def run(start: int, count: int) -> DecoderLayer:
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=STACKED)
+            def build(rngs):
+                return DecoderLayer(cfg, start, dtype=dtype, rngs=rngs, moe_impl=moe_impl, expert_format=expert_format,
+                                    parallel=parallel)
+            return build(rngs)
+
+        self.runs = nnx.List([run(start, count) for start, count in cfg.layer_runs])
         self.norm = weight(rngs, (D,), ("norm",), dtype, init="ones")
         self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), dtype)
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` as a module of its own (its weights sliced out of the run: a
+        copy, for inspection; changing it leaves the model alone)."""
+        for (start, count), run in zip(self.cfg.layer_runs, self.runs, strict=True):
+            if start <= i < start + count:
+                graphdef, state = nnx.split(run)
+                state = nnx.spmd.remove_axis(jax.tree.map(lambda a: _index(a, i - start), state), 0, STACKED)
+                return nnx.merge(graphdef, state)
+        raise IndexError(f"layer {i} out of range: the model has {self.cfg.num_hidden_layers} layers")
+
+    def _scan(self, run: DecoderLayer, fn: Callable, carry, xs=None, *, remat: bool = False):
+        """``fn(layer, carry, x) -> (carry, y)`` over the layers of ``run`` (with ``xs`` [L, ...]
+        per layer, default each layer's index in its run); returns the carry and ys [L, ...].
+
+        A ``jax.lax.scan`` over the run's split state (each step merges its layer), so the
+        model may come from any trace (e.g. merged inside ``jax.grad``). INT4 experts enter
+        whole: slicing a layer out would copy it on GPUs (a dynamic slice feeding a kernel is
+        materialized), so the MoE reads its layer of the stack in place. Intermediates the
+        layers sow (``capture``) come out stacked over the run's layers, sown on ``run``.
+        """
+        graphdef, sliced, whole = nnx.split(run, nnx.Not(Quantized), Quantized)
+        count = jax.tree.leaves(sliced)[0].shape[0]
+
+        def step(carry, inputs):
+            state, x = inputs
+            layer = nnx.merge(graphdef, nnx.spmd.remove_axis(state, 0, STACKED), whole)
+            if not self.capture:
+                carry, y = fn(layer, carry, x)
+                return carry, (y, None)
+            (carry, y), sown = nnx.capture(lambda layer: fn(layer, carry, x), nnx.Intermediate)(layer)
+            return carry, (y, sown)
+
+        carry, (ys, sown) = jax.lax.scan(jax.checkpoint(step) if remat else step, carry,
+                                         (sliced, jnp.arange(count, dtype=jnp.int32) if xs is None else xs))
+        if sown is not None:
+            for path, var in nnx.to_flat_state(sown):  # e.g. ("mlp", "router_idx"): sown again on the run
+                module = functools.reduce(getattr, path[:-1], run)
+                module.sow(nnx.Intermediate, path[-1], var.get_value()[0])
+        return carry, ys
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin [B, T, R/2] for ``positions`` [B, T]; computed once per step."""
@@ -151,8 +233,9 @@ class TextModel(nnx.Module):
         x = self._inputs(input_ids, inputs_embeds)
         if self.capture:
             self.sow(nnx.Intermediate, "embed", x)
-        for layer in self.layers:
-            x = constrain(layer(x, cos, sin, mask), ACTIVATION_AXES, self.parallel)
+        for run in self.runs:
+            x, _ = self._scan(run, lambda layer, x, i: (constrain(layer(x, cos, sin, mask, i), ACTIVATION_AXES,
+                                                                   self.parallel), None), x)
         return self.logits(x)
 
     def extend(
@@ -174,12 +257,17 @@ class TextModel(nnx.Module):
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         cos, sin = self.rope(positions)
         valid = jnp.arange(T) < counts[:, None]
-        layers = []
         x = self._inputs(input_ids, inputs_embeds)
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, layer_cache = layer.cached(x, cos, sin, positions, layer_cache, absorbed=absorbed, key_block=key_block,
-                                          valid=valid)
-            x = constrain(x, ACTIVATION_AXES, self.parallel)
-            layers.append(layer_cache)
+
+        def step(layer, carry, i):
+            x, run_cache = carry
+            x, run_cache = layer.cached(x, cos, sin, positions, run_cache, i, absorbed=absorbed, key_block=key_block,
+                                        valid=valid)
+            return (constrain(x, ACTIVATION_AXES, self.parallel), run_cache), None
+
+        runs = []
+        for run, run_cache in zip(self.runs, cache.runs, strict=True):
+            (x, run_cache), _ = self._scan(run, step, (x, run_cache))
+            runs.append(run_cache)
         last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
-        return self.logits(last)[:, 0], KVCache(tuple(layers), cache.lengths + counts)
+        return self.logits(last)[:, 0], KVCache(tuple(runs), cache.lengths + counts)

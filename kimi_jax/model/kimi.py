@@ -174,17 +174,24 @@ class Kimi(nnx.Module):
             logits, inter = nnx.capture(self.language_model, nnx.Intermediate)(**inputs, **kwargs)
         finally:
             self.set_attributes(capture=False, raise_if_not_found=False)
+        runs = self.config.text.layer_runs
         named = {}
         for path, value in nnx.to_flat_state(inter):
             keep = [str(p) for p in path if p not in ("language_model", "mlp")]
-            named[".".join(keep)] = value.get_value()[0]
+            value = value.get_value()[0]
+            if keep[0] != "runs":
+                named[".".join(keep)] = value
+                continue
+            start = runs[int(keep[1])][0]
+            for j, per_layer in enumerate(value):  # stacked over the run's layers by the scan
+                named[".".join(["layers", str(start + j), *keep[2:]])] = per_layer
         return logits, named
 
     def set_moe_impl(self, impl: str) -> None:
         """Switch every MoE layer between the ``grouped`` and ``reference`` expert paths."""
-        for layer in self.language_model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.set_impl(impl)
+        for run in self.language_model.runs:
+            if isinstance(run.mlp, MoE):
+                run.mlp.set_impl(impl)
         self.moe_impl = impl
 
 

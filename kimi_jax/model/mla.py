@@ -12,17 +12,22 @@ Two mathematically equal forms share the weights:
   compressed cache, where each step has few queries and many cached keys.
 
 :meth:`MLA.cached` writes a step's latents into the compressed cache (``kimi_jax.model.cache``)
-and attends over the cache in either form, in key blocks for long caches;
+and attends over the cache in either form (absorbed on NVIDIA GPUs: the split-K Pallas
+kernel of ``kimi_jax.kernels.mla_decode``), in key blocks for long caches;
 :func:`absorbed_is_cheaper` picks the form.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kimi_jax.config.model import QK_NORM_EPS, TextConfig
+from kimi_jax.kernels.mla_decode import fits as mla_decode_fits
+from kimi_jax.kernels.mla_decode import mla_decode
 from kimi_jax.model.cache import LayerCache
 from kimi_jax.model.layers import apply_rope, rms_norm, weight
 
@@ -74,25 +79,27 @@ class MLA(nnx.Module):
         return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True)
 
     def attend_cache(
-        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, positions: jax.Array, *,
+        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
         absorbed: bool, block: int,
     ) -> jax.Array:
-        """Attention of queries at ``positions`` [B, T] over the cache slots up to their positions.
+        """Attention of queries at ``positions`` [B, T] over layer ``layer``'s cache slots up to their positions.
 
         The slots are visited in blocks of ``block`` with an online softmax, so the scores
         take [B, N, T, block] rather than [B, N, T, S], and blocks past the furthest query
         position are not visited at all. Returns [B, T, D].
         """
         q = self._absorb(q_nope) if absorbed else q_nope
-        (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[1], q_pe.dtype
+        (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[2], q_pe.dtype
         width = self.cfg.kv_lora_rank if absorbed else self.cfg.v_head_dim
         lowest = jnp.finfo(jnp.float32).min
 
         def visit(i, carry):
             m, total, acc = carry
             start = jnp.minimum(i * block, S - block)  # the last block is shifted back to fit
-            c_kv = jax.lax.dynamic_slice_in_dim(cache.c_kv, start, block, axis=1).astype(dtype)
-            k_pe = jax.lax.dynamic_slice_in_dim(cache.k_pe, start, block, axis=1).astype(dtype)
+            c_kv, k_pe = (
+                jax.lax.dynamic_slice(a, (0, layer, start, 0), (B, 1, block, a.shape[3]))[:, 0].astype(dtype)
+                for a in (cache.c_kv, cache.k_pe)
+            )
             scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
             slots = start + jnp.arange(block)
             # slots a shifted block shares with the previous one were counted already
@@ -167,23 +174,46 @@ class MLA(nnx.Module):
         return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
 
     def cached(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, *,
-        absorbed: bool, key_block: int,
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache,
+        layer: jax.Array, *, absorbed: bool, key_block: int,
     ) -> tuple[jax.Array, LayerCache]:
-        """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over the cache.
+        """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over layer ``layer``
+        of its run's cache.
 
-        The tokens' latents are written into ``cache`` first; then each query attends to the
-        slots up to its position, all at once when the cache has at most ``key_block`` slots,
-        else block by block (:meth:`attend_cache`). Returns [B, T, D] and the updated cache.
+        The tokens' latents are written into the cache first; then each query attends to the
+        slots up to its position: absorbed on NVIDIA GPUs by the Pallas kernel
+        (:meth:`attend_cache_pallas`, where it takes the widths), elsewhere (and expanded) with XLA, all at once when the
+        cache has at most ``key_block`` slots, else block by block (:meth:`attend_cache`).
+        Returns [B, T, D] and the updated cache.
         """
         q_nope, q_pe = self.queries(x, cos, sin)
-        cache = cache.write(positions, *self.latents(x, cos, sin))
-        S = cache.c_kv.shape[1]
+        cache = cache.write(layer, positions, *self.latents(x, cos, sin))
+        attend = functools.partial(self._attend_cache_xla, absorbed=absorbed, key_block=key_block)
+        if absorbed and mla_decode_fits(self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim):  # NVIDIA GPUs: Pallas
+            out = jax.lax.platform_dependent(q_nope, q_pe, cache, layer, positions, cuda=self.attend_cache_pallas,
+                                             default=attend)
+            return out, cache
+        return attend(q_nope, q_pe, cache, layer, positions), cache
+
+    def attend_cache_pallas(
+        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
+        interpret: bool = False,
+    ) -> jax.Array:
+        """Absorbed attention over layer ``layer``'s cache by ``kimi_jax.kernels.mla_decode``
+        (each visible slot read once, straight from the stacked cache): [B, T, D]."""
+        out = mla_decode(self._absorb(q_nope), q_pe, cache.c_kv, cache.k_pe, layer, positions,
+                         scale=self.cfg.softmax_scale, interpret=interpret)
+        return self._project(out.astype(q_pe.dtype), absorbed=True)
+
+    def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, *, absorbed: bool,
+                          key_block: int) -> jax.Array:
+        S = cache.c_kv.shape[2]
         if key_block < S:
-            return self.attend_cache(q_nope, q_pe, cache, positions, absorbed=absorbed, block=key_block), cache
+            return self.attend_cache(q_nope, q_pe, cache, layer, positions, absorbed=absorbed, block=key_block)
         mask = jnp.arange(S) <= positions[..., None]
         attend = self.attend_absorbed if absorbed else self.attend_expanded
-        return attend(q_nope, q_pe, cache.c_kv.astype(x.dtype), cache.k_pe.astype(x.dtype), mask), cache
+        c_kv, k_pe = cache.layer(layer)
+        return attend(q_nope, q_pe, c_kv.astype(q_pe.dtype), k_pe.astype(q_pe.dtype), mask)
 
 
 def absorbed_is_cheaper(cfg: TextConfig, num_queries: int) -> bool:

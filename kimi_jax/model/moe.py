@@ -151,9 +151,13 @@ class Int4Weight(nnx.Module):
             axes=(*axes[:2], f"{axes[2]}_groups"),
         )
 
-    def gathered(self, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        """The weights of experts ``idx`` [...] dequantized to ``dtype``: [..., in, out]."""
-        w = dequantize(self.q[...][idx], self.scales[...][idx], INT4_GROUP_SIZE, dtype)
+    def gathered(self, idx: jax.Array, dtype: jnp.dtype, layer: jax.Array | None = None) -> jax.Array:
+        """The weights of experts ``idx`` [...] dequantized to ``dtype``: [..., in, out] (of layer
+        ``layer`` when the weights are a run's stack)."""
+        q, scales = self.q[...], self.scales[...]
+        if layer is not None:
+            q, scales = q[layer], scales[layer]
+        w = dequantize(q[idx], scales[idx], INT4_GROUP_SIZE, dtype)
         return jnp.swapaxes(w, -1, -2)
 
 
@@ -168,16 +172,20 @@ class Int4Experts(nnx.Module):
         self.down_proj = Int4Weight(E, D, F, ("expert", "embed", "expert_mlp"), rngs=rngs)
 
 
-def _gathered(proj: nnx.Param | Int4Weight, idx: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def _gathered(proj: nnx.Param | Int4Weight, idx: jax.Array, dtype: jnp.dtype, layer: jax.Array | None) -> jax.Array:
     """One projection's weights for experts ``idx`` [...] -> [..., in, out]."""
-    return proj.gathered(idx, dtype) if isinstance(proj, Int4Weight) else proj[...][idx]
+    if isinstance(proj, Int4Weight):
+        return proj.gathered(idx, dtype, layer)
+    return (proj[...] if layer is None else proj[...][layer])[idx]
 
 
-def experts_reference(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
-    """Each token through its chosen experts, gathering their weights: [T, D] -> [T, K, D]."""
-    gate = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.gate_proj, idx, x.dtype))
-    up = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.up_proj, idx, x.dtype))
-    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, _gathered(experts.down_proj, idx, x.dtype))
+def experts_reference(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array,
+                      layer: jax.Array | None = None) -> jax.Array:
+    """Each token through its chosen experts, gathering their weights: [T, D] -> [T, K, D]
+    (``layer``: which layer of stacked experts)."""
+    gate = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.gate_proj, idx, x.dtype, layer))
+    up = jnp.einsum("td,tkdf->tkf", x, _gathered(experts.up_proj, idx, x.dtype, layer))
+    return jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, _gathered(experts.down_proj, idx, x.dtype, layer))
 
 
 def grouped_matmul(
@@ -266,44 +274,55 @@ def lowered_int4_kernel(impl: str, platform: str, d_model: int, d_hidden: int) -
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _reference_grad(kernel, x, q, scales, sizes):
-    """``kernel(x, q, scales, sizes)`` differentiated like the reference path (the Pallas kernels
-    have no autodiff rule): the gradient reaches x only, as the INT4 weights are never trained."""
-    return kernel(x, q, scales, sizes)
+def _reference_grad(kernel, x, q, scales, sizes, layer):
+    """``kernel(x, q, scales, sizes, layer=layer)`` differentiated like the reference path (the
+    Pallas kernels have no autodiff rule): the gradient reaches x only, as the INT4 weights
+    are never trained."""
+    return kernel(x, q, scales, sizes, layer=layer)
 
 
-def _reference_grad_fwd(kernel, x, q, scales, sizes):
-    return kernel(x, q, scales, sizes), (x, q, scales, sizes)
+def _reference_grad_fwd(kernel, x, q, scales, sizes, layer):
+    return kernel(x, q, scales, sizes, layer=layer), (x, q, scales, sizes, layer)
 
 
 def _reference_grad_bwd(kernel, residuals, g):
-    x, q, scales, sizes = residuals
+    x, q, scales, sizes, layer = residuals
+    if layer is not None:
+        q, scales = q[layer], scales[layer]
     _, vjp = jax.vjp(lambda x: int4_ragged_dot(x, q, scales, sizes, INT4_GROUP_SIZE), x)
-    return (*vjp(g), None, None, None)
+    return (*vjp(g), None, None, None, None)
 
 
 _reference_grad.defvjp(_reference_grad_fwd, _reference_grad_bwd)
 
 
-def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, interpret: bool) -> jax.Array:
+def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, layer: jax.Array | None, kernel: str,
+                 interpret: bool) -> jax.Array:
     """:func:`swiglu_grouped` for INT4 experts through one kernel."""
+    if layer is not None and kernel != "pallas":  # only the Triton kernel reads a layer of the stack in place
+        w, layer = jax.tree.map(lambda a: a[layer], w), None
     if kernel == "xla":
         sizes, used = _experts_in_use(sizes, rows.shape[0])
         h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes, used))
         h = h * grouped_matmul(rows, w["up_proj"], sizes, used)
         return grouped_matmul(h, w["down_proj"], sizes, used)
-    fused = functools.partial(int4_grouped_matmul if kernel == "pallas" else int4_grouped_matmul_tpu,
-                              interpret=interpret)
+    if kernel == "pallas":
+        fused = functools.partial(int4_grouped_matmul, interpret=interpret)
+    else:
+        def fused(x, q, scales, sizes, layer):
+            return int4_grouped_matmul_tpu(x, q, scales, sizes, interpret=interpret)
 
     def matmul(x, proj):
-        return _reference_grad(fused, x, proj["q"], proj["scales"], sizes)
+        return _reference_grad(fused, x, proj["q"], proj["scales"], sizes, layer)
 
     return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
 
 
-def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> jax.Array:
+def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, layer: jax.Array | None = None) -> jax.Array:
     """SwiGLU of ``rows`` [M, D] grouped contiguously by expert (``sizes`` [E] rows each)
     through the experts' raw weights ``w`` (``nnx.state(experts).to_pure_dict()``) -> [M, D].
+    With ``layer``, ``w`` holds a run's stacked INT4 experts ``[L, E, ...]`` and layer
+    ``layer`` is used: the Triton kernel reads it in place, the other kernels slice it first.
 
     Dense experts always use ``kimi_jax.kernels.grouped.ragged_dot`` (backend ``auto``). INT4
     experts use ``kernel`` (:func:`int4_kernel`): ``"auto"`` is chosen per platform when the
@@ -314,11 +333,13 @@ def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> j
     gathered first (at most M, padded with empty groups), so only those are dequantized.
     """
     if not isinstance(w["gate_proj"], dict):
+        if layer is not None:
+            w = jax.tree.map(lambda a: a[layer], w)
         h = jax.nn.silu(grouped_matmul(rows, w["gate_proj"], sizes))
         return grouped_matmul(h * grouped_matmul(rows, w["up_proj"], sizes), w["down_proj"], sizes)
     if kernel not in (*INT4_KERNELS, "auto"):
         raise ValueError(f"unknown INT4 kernel {kernel!r}; choose from {(*INT4_KERNELS, 'auto')}")
-    d_hidden, d_model = w["gate_proj"]["scales"].shape[1], rows.shape[1]
+    d_hidden, d_model = w["gate_proj"]["scales"].shape[-2], rows.shape[1]
 
     branches = {}
 
@@ -328,22 +349,23 @@ def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str) -> j
     if kernel == "auto":
         chosen = {p: lowered_int4_kernel("grouped", p, d_model, d_hidden) for p in NATIVE_PLATFORMS["pallas"] + ("tpu",)}
         return jax.lax.platform_dependent(
-            w, rows, sizes, **{p: branch(k, False) for p, k in chosen.items()}, default=branch("xla", False)
+            w, rows, sizes, layer, **{p: branch(k, False) for p, k in chosen.items()}, default=branch("xla", False)
         )
     if kernel == "xla":
-        return _swiglu_int4(w, rows, sizes, "xla", False)
+        return _swiglu_int4(w, rows, sizes, layer, "xla", False)
     native = dict.fromkeys(NATIVE_PLATFORMS[kernel], branch(kernel, False))
-    return jax.lax.platform_dependent(w, rows, sizes, **native, default=branch(kernel, True))
+    return jax.lax.platform_dependent(w, rows, sizes, layer, **native, default=branch(kernel, True))
 
 
-def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array, kernel: str = "xla") -> jax.Array:
+def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array, kernel: str = "xla",
+                    layer: jax.Array | None = None) -> jax.Array:
     """Token copies sorted by expert, grouped matmuls (:func:`swiglu_grouped`), unsorted:
-    [T, D] -> [T, K, D]."""
+    [T, D] -> [T, K, D] (``layer``: which layer of stacked experts)."""
     T, K = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=experts.n_experts).astype(jnp.int32)  # ids >= n_experts: no group
-    out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel)
+    out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel, layer)
     return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
 
 
@@ -374,11 +396,13 @@ class MoE(nnx.Module):
             raise ValueError(f"unknown MoE implementation {impl!r}; choose from {MOE_IMPLS}")
         self.impl = impl
 
-    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None, layer: jax.Array | None = None) -> jax.Array:
         """``x`` [..., D] -> [..., D]. ``valid`` (x's leading shape, bool) marks the real tokens
-        (None: all): the grouped path on one device routes the others to no expert, so their
-        experts are not read (idle slots of a decode step, padding of a prefill chunk) and their
-        routed output is 0. The expert-parallel path still routes every token."""
+        (None: all): the others are routed to no expert, so their experts are not read (idle
+        slots of a decode step, padding of a prefill chunk) and their routed output is 0.
+        ``layer``: which layer of the run this is, used when the INT4 experts come as the
+        run's whole stack ``[L, E, ...]`` (the scan passes them unsliced, see
+        ``kimi_jax.model.decoder``)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(tokens)
@@ -386,27 +410,34 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)
             self.sow(nnx.Intermediate, "router_weights", weights)
-        if self.parallel is not None and self.impl != "reference":
-            routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout)
-        else:
-            if self.impl == "reference":
-                per_expert = experts_reference(self.experts, tokens, idx)
-            else:
-                keep = None if valid is None else valid.reshape(-1, 1)
-                routing = idx if keep is None else jnp.where(keep, idx, self.experts.n_experts)  # past every group
-                per_expert = experts_grouped(self.experts, tokens, routing, int4_kernel(self.impl))  # zeros past the groups
+        stacked = isinstance(self.experts, Int4Experts) and self.experts.gate_proj.q.ndim == 4
+        layer = layer if stacked else None
+        if self.impl == "reference":
+            per_expert = experts_reference(self.experts, tokens, idx, layer)
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
+        else:
+            if valid is not None:  # past every group
+                idx = jnp.where(valid.reshape(-1, 1), idx, self.experts.n_experts)
+            if self.parallel is not None:
+                routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout, layer)
+            else:
+                per_expert = experts_grouped(self.experts, tokens, idx, int4_kernel(self.impl), layer)  # 0 past groups
+                routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)
         return routed.reshape(shape)
 
-    def _expert_parallel(self, tokens, idx, weights, mesh, layout) -> jax.Array:
-        """The grouped path inside ``shard_map``, experts split by the layout."""
+    def _expert_parallel(self, tokens, idx, weights, mesh, layout, layer) -> jax.Array:
+        """The grouped path inside ``shard_map``, experts split by the layout (a stack's layer
+        ``layer`` sliced out first)."""
         state = nnx.state(self.experts)
         values = state.to_pure_dict()
-        specs = traverse_util.unflatten_dict(
-            {path: layout.spec(var.get_metadata()["axes"], var.shape) for path, var in nnx.to_flat_state(state)}
-        )
+        flat = dict(nnx.to_flat_state(state))
+        axes = {path: (var.get_metadata()["axes"], var.shape) for path, var in flat.items()}
+        if layer is not None:
+            values = jax.tree.map(lambda a: a[layer], values)
+            axes = {path: (a[1:], shape[1:]) for path, (a, shape) in axes.items()}
+        specs = traverse_util.unflatten_dict({path: layout.spec(a, shape) for path, (a, shape) in axes.items()})
 
         kernel = int4_kernel(self.impl)
 

@@ -151,7 +151,7 @@ def kv_bytes_per_token(config: KimiConfig, kv_dtype: str = "bfloat16") -> int:
     if kv_dtype not in DTYPES:
         raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; choose from {list(DTYPES)}")
     one = jax.eval_shape(lambda: KVCache.create(config.text, 1, 1, DTYPES[kv_dtype]))
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(one.layers))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(one.runs))
 
 
 def candidate_layouts(devices: int) -> list[Layout]:

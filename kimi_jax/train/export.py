@@ -19,6 +19,7 @@ from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
 from kimi_jax.checkpoint.convert import SIDE_FILES, Target, text_targets, vision_targets
+from kimi_jax.model.decoder import per_layer
 from kimi_jax.parallel.placement import to_host
 
 EXPORT_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -54,7 +55,9 @@ def export_hf(model, folder: str | Path, *, dtype: str = "bfloat16", tokenizer: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    values = traverse_util.flatten_dict(nnx.state(model).to_pure_dict())
+    state = nnx.state(model).to_pure_dict()
+    state["language_model"] = per_layer(config.text, state["language_model"])
+    values = traverse_util.flatten_dict(state)
     targets = text_targets(config, np.float32, "language_model.model.", "language_model.lm_head.weight")
     targets += vision_targets(config, np.float32)
     tensors: dict[str, np.ndarray] = {}

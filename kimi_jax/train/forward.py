@@ -4,11 +4,11 @@ gradient checkpointing and the attention logits MuonClip needs.
 Einsum letters: B batch, T query positions, S key positions, N heads, H nope head dim,
 R rope dim, E experts.
 
-It walks the modules of :class:`~kimi_jax.model.decoder.TextModel` exactly as its
-``__call__`` does (``tests/train`` checks the logits are equal) and returns, per MoE
-layer, what the routers chose, so the balance loss and the bias update need no captured
-intermediates. With ``remat`` each decoder layer is recomputed in the backward pass
-(``nnx.remat``) instead of keeping its activations.
+It scans the runs of layers of :class:`~kimi_jax.model.decoder.TextModel` exactly as its
+``__call__`` does (``tests/train`` checks the logits are equal) and returns, per run of MoE
+layers, what the routers chose (stacked over the run's layers), so the balance loss and the
+bias update need no captured intermediates. With ``remat`` each decoder layer is recomputed
+in the backward pass (``nnx.remat``) instead of keeping its activations.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kimi_jax.model.decoder import ACTIVATION_AXES, DecoderLayer, TextModel
 from kimi_jax.model.layers import rms_norm
@@ -27,8 +26,9 @@ from kimi_jax.parallel.placement import constrain
 
 
 class Routing(NamedTuple):
-    """One MoE layer's routing over the flattened tokens [B*T]: chosen experts [B*T, K] and
-    the sigmoid scores [B*T, E] (float32; they carry the router's gradient)."""
+    """MoE routing over the flattened tokens [B*T]: chosen experts [..., B*T, K] and the
+    sigmoid scores [..., B*T, E] (float32; they carry the router's gradient). The leading
+    axis, where there is one, is the layers of a run."""
 
     idx: jax.Array
     scores: jax.Array
@@ -36,8 +36,8 @@ class Routing(NamedTuple):
 
 class Forward(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
-    routing: tuple[Routing, ...]  # one per MoE layer, in order
-    max_logits: tuple[jax.Array, ...]  # one [N] per layer: the largest scaled attention logit per head (or empty)
+    routing: tuple[Routing, ...]  # one per run of MoE layers, stacked over its layers [L, ...]
+    max_logits: tuple[jax.Array, ...]  # one [L, N] per run: the largest scaled attention logit per head (or empty)
 
 
 def max_attention_logits(attn: MLA, normed: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
@@ -51,7 +51,7 @@ def max_attention_logits(attn: MLA, normed: jax.Array, cos: jax.Array, sin: jax.
     return scores.max(axis=(0, 2, 3))
 
 
-def _layer(layer: DecoderLayer, x, cos, sin, mask, with_max_logits: bool):
+def _layer(layer: DecoderLayer, x, cos, sin, mask, with_max_logits: bool, index):
     """``DecoderLayer.__call__`` plus the layer's routing (MoE) and max attention logits."""
     normed = rms_norm(x, layer.input_layernorm[...], layer.eps)
     h = x + layer.self_attn(normed, cos, sin, mask)
@@ -63,7 +63,7 @@ def _layer(layer: DecoderLayer, x, cos, sin, mask, with_max_logits: bool):
     logits = (
         jax.lax.stop_gradient(max_attention_logits(layer.self_attn, normed, cos, sin, mask)) if with_max_logits else None
     )
-    return h + layer.mlp(inner), routing, logits
+    return h + (layer.mlp(inner, None, index) if isinstance(layer.mlp, MoE) else layer.mlp(inner)), routing, logits
 
 
 def forward(lm: TextModel, input_ids: jax.Array, *, remat: bool = False, max_logits: bool = False) -> Forward:
@@ -75,14 +75,13 @@ def forward(lm: TextModel, input_ids: jax.Array, *, remat: bool = False, max_log
     cos, sin = lm.rope(positions)
     x = constrain(lm.embed(input_ids), ACTIVATION_AXES, lm.parallel)
 
-    def run(layer, x):
-        return _layer(layer, x, cos, sin, mask, max_logits)
+    def body(layer, x, i):
+        x, routing, logits = _layer(layer, x, cos, sin, mask, max_logits, i)
+        return constrain(x, ACTIVATION_AXES, lm.parallel), (routing, logits)
 
-    step = nnx.remat(run) if remat else run
     routing, logits = [], []
-    for layer in lm.layers:
-        x, r, m = step(layer, x)
-        x = constrain(x, ACTIVATION_AXES, lm.parallel)
+    for run in lm.runs:
+        x, (r, m) = lm._scan(run, body, x, remat=remat)
         if r is not None:
             routing.append(r)
         if m is not None:

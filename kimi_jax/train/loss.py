@@ -47,5 +47,6 @@ def sequence_balance_loss(routing: Routing, valid: jax.Array, top_k: int) -> jax
 
 
 def bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-    """DeepSeek-V3's auxiliary-loss-free balancing: ``bias + rate * sign(mean load - load)``."""
-    return bias + rate * jnp.sign(load.mean() - load)
+    """DeepSeek-V3's auxiliary-loss-free balancing: ``bias + rate * sign(mean load - load)``,
+    the mean over the experts (the last axis; leading axes are layers)."""
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)

@@ -59,16 +59,23 @@ def muon_dimensions(path, leaf) -> MuonDimensionNumbers | None:
     """Muon's axes for the parameter at ``path``, or None where AdamW is used instead
     (vectors, the embedding, the lm_head)."""
     names = _path_names(path)
-    ndim = len(leaf.shape)
+    lead = 1 if "runs" in names else 0  # decoder layers' weights are stacked: [layers, ...]
+    ndim = len(leaf.shape) - lead
     if ndim < 2 or names[-1] in ("embed_tokens", "lm_head"):
         return None
+
+    def dims(reduction, output):  # axes of one layer's weight, shifted past the layers axis
+        def shift(a):
+            return a + lead if isinstance(a, int) else tuple(i + lead for i in a)
+        return MuonDimensionNumbers(reduction_axis=shift(reduction), output_axis=shift(output))
+
     if "experts" in names and ndim == 3:  # [E, in, out]
-        return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return dims(1, 2)
     if names[-1] == "o_proj":  # [N, V, D]
-        return MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+        return dims((0, 1), 2)
     if ndim == 3:  # q_proj / q_b_proj / kv_b_proj [in, N, K]
-        return MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
-    return MuonDimensionNumbers(reduction_axis=tuple(range(ndim - 1)), output_axis=ndim - 1)
+        return dims(0, (1, 2))
+    return dims(tuple(range(ndim - 1)), ndim - 1)
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -102,17 +109,18 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def qk_clip(attn: MLA, max_logits: jax.Array, threshold: float) -> None:
-    """MuonClip's QK-clip for one MLA layer: every head whose largest attention logit
-    ``max_logits`` [N] exceeds ``threshold`` gets ``gamma = threshold / max_logit``; its
+    """MuonClip's QK-clip for one MLA layer, or a run of them (weights and ``max_logits``
+    with a leading layers axis): every head whose largest attention logit ``max_logits`` [N] exceeds ``threshold`` gets ``gamma = threshold / max_logit``; its
     query and key nope weights are scaled by ``sqrt(gamma)`` and its query rope weights by
     ``gamma`` (the rope key is shared by all heads and left alone), so its logits shrink by gamma."""
-    gamma = jnp.where(max_logits > threshold, threshold / jnp.maximum(max_logits, 1e-30), 1.0)  # [N]
-    H = attn.cfg.qk_nope_head_dim
-    root = jnp.sqrt(gamma)[:, None]
-    q_scale = jnp.concatenate([jnp.broadcast_to(root, (gamma.shape[0], H)),
-                               jnp.broadcast_to(gamma[:, None], (gamma.shape[0], attn.cfg.qk_rope_head_dim))], axis=1)
-    q = attn.q_proj if attn.cfg.q_lora_rank is None else attn.q_b_proj
-    q[...] = (q[...] * q_scale).astype(q.dtype)  # [in, N, H + R]
-    k_scale = jnp.concatenate([jnp.broadcast_to(root, (gamma.shape[0], H)),
-                               jnp.ones((gamma.shape[0], attn.cfg.v_head_dim))], axis=1)
-    attn.kv_b_proj[...] = (attn.kv_b_proj[...] * k_scale).astype(attn.kv_b_proj.dtype)  # [C, N, H + V]
+    gamma = jnp.where(max_logits > threshold, threshold / jnp.maximum(max_logits, 1e-30), 1.0)  # [..., N]
+    cfg = attn.cfg
+    root = jnp.sqrt(gamma)[..., None]
+    lead = gamma.shape[:-1]  # the layers of a run, if the weights are stacked
+    q_scale = jnp.concatenate([jnp.broadcast_to(root, (*gamma.shape, cfg.qk_nope_head_dim)),
+                               jnp.broadcast_to(gamma[..., None], (*gamma.shape, cfg.qk_rope_head_dim))], axis=-1)
+    q = attn.q_proj if cfg.q_lora_rank is None else attn.q_b_proj
+    q[...] = (q[...] * q_scale[..., None, :, :]).astype(q.dtype)  # [..., in, N, H + R]
+    k_scale = jnp.concatenate([jnp.broadcast_to(root, (*gamma.shape, cfg.qk_nope_head_dim)),
+                               jnp.ones((*lead, gamma.shape[-1], cfg.v_head_dim))], axis=-1)
+    attn.kv_b_proj[...] = (attn.kv_b_proj[...] * k_scale[..., None, :, :]).astype(attn.kv_b_proj.dtype)  # [..., C, N, H + V]

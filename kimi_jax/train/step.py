@@ -68,8 +68,9 @@ class TrainModules(nnx.Module):
         self.model, self.lora, self.optimizer = model, lora, optimizer
 
 
-def _moe_layers(model) -> list[MoE]:
-    return [layer.mlp for layer in model.language_model.layers if isinstance(layer.mlp, MoE)]
+def _moe_runs(model) -> list[MoE]:
+    """The MoE of each run of MoE layers (its weights stacked over the run's layers)."""
+    return [run.mlp for run in model.language_model.runs if isinstance(run.mlp, MoE)]
 
 
 def _train_step(graphdef, cfg: StepConfig, state, batch):
@@ -81,8 +82,8 @@ def _train_step(graphdef, cfg: StepConfig, state, batch):
         run = trained.apply(model) if lora is not None else trained
         out = forward(run.language_model, batch["inputs"], remat=cfg.remat, max_logits=cfg.qk_clip is not None)
         loss, n_tokens = next_token_loss(out.logits, batch["targets"], batch["weights"])
-        balance = sum((sequence_balance_loss(r, batch["valid"], text.num_experts_per_tok) for r in out.routing),
-                      jnp.zeros((), jnp.float32))
+        per_layer = jax.vmap(lambda r: sequence_balance_loss(r, batch["valid"], text.num_experts_per_tok))
+        balance = sum((per_layer(r).sum() for r in out.routing), jnp.zeros((), jnp.float32))
         return loss + cfg.balance_loss * balance, (loss, balance, n_tokens, out.routing, out.max_logits)
 
     trained = lora if lora is not None else model
@@ -92,18 +93,18 @@ def _train_step(graphdef, cfg: StepConfig, state, batch):
     metrics = {"loss": loss, "balance_loss": balance, "trained_tokens": n_tokens,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))}
     imbalance = []
-    for moe, r in zip(_moe_layers(model), routing, strict=True):
-        load = expert_load(r, batch["valid"], text.n_routed_experts)
-        imbalance.append(load.max() / jnp.maximum(load.mean(), 1e-9))
+    for moe, r in zip(_moe_runs(model), routing, strict=True):
+        load = jax.vmap(lambda r: expert_load(r, batch["valid"], text.n_routed_experts))(r)  # [L, E]
+        imbalance.append((load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).max())
         if cfg.bias_update_rate:
             bias = moe.gate.e_score_correction_bias
             bias[...] = bias_update(bias[...], load, cfg.bias_update_rate).astype(bias.dtype)
     if imbalance:
         metrics["max_load_ratio"] = jnp.stack(imbalance).max()
     if cfg.qk_clip is not None:
-        for layer, m in zip(model.language_model.layers, max_logits, strict=True):
-            qk_clip(layer.self_attn, m, cfg.qk_clip)
-        metrics["max_attention_logit"] = jnp.stack(max_logits).max()
+        for run, m in zip(model.language_model.runs, max_logits, strict=True):
+            qk_clip(run.self_attn, m, cfg.qk_clip)
+        metrics["max_attention_logit"] = jnp.stack([m.max() for m in max_logits]).max()
     return nnx.state(mods), metrics
 
 

@@ -164,7 +164,7 @@ def test_fp8_to_bfloat16_rounds_once(fp8_case):
     """In bf16, each weight is the exact float32 product rounded once."""
     work, twin = fp8_case
     kimi_jax.convert(work / "fp8", work / "bf16", progress=False)
-    layer = kimi_jax.load(work / "bf16").language_model.layers[0]
+    layer = kimi_jax.load(work / "bf16").language_model.layer(0)
     for ours, name in [(layer.mlp.gate_proj, "model.layers.0.mlp.gate_proj.weight"),
                        (layer.self_attn.q_a_proj, "model.layers.0.self_attn.q_a_proj.weight")]:
         expected = twin[name].numpy().T.astype(ml_dtypes.bfloat16)

@@ -77,7 +77,7 @@ def test_k25_exports_for_tpu_from_the_command_line(tmp_path, capsys):
     assert moe["kernel"] == "pallas-tpu" and moe["layers"] == list(range(1, 61))
     decode = manifest["steps"]["decode"]
     assert decode["custom_calls"].get("tpu_custom_call", 0) >= 1
-    assert decode["weights"]["arrays"] > 1000 and decode["weights"]["bytes"] > 5.9e11  # INT4 experts: 594 GB
+    assert decode["weights"]["arrays"] >= 30 and decode["weights"]["bytes"] > 5.9e11  # layers stacked; INT4 experts: 594 GB
     assert (tmp_path / "decode.jax_export").stat().st_size == decode["bytes"]
     assert "pallas-tpu" in capsys.readouterr().out
 

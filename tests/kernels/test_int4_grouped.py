@@ -140,14 +140,15 @@ def test_rejects_mismatched_shapes():
         ig.int4_grouped_matmul(x[:, :64], q, scales, gs, interpret=True)
 
 
-def test_rejects_operands_past_32_bit_offsets():
-    """K2.5-size expert stacks fit the kernel's 32-bit element offsets as words; larger do not."""
-    x = jax.ShapeDtypeStruct((8, 7168), jnp.bfloat16)
-    fits = jax.ShapeDtypeStruct((384, 2048, 7168 // 8), jnp.uint32)
-    s = jax.ShapeDtypeStruct((384, 2048, 7168 // 32), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((384,), jnp.int32)
-    jax.eval_shape(lambda *a: ig.int4_grouped_matmul(*a, interpret=True), x, fits, s, g)
-    big = jax.ShapeDtypeStruct((1536, 2048, 7168 // 8), jnp.uint32)
-    with pytest.raises(ValueError, match="q has .* elements"):
-        ig.int4_grouped_matmul(x, big, jax.ShapeDtypeStruct((1536, 2048, 224), jnp.bfloat16),
-                               jax.ShapeDtypeStruct((1536,), jnp.int32), interpret=True)
+@pytest.mark.parametrize("cfg", [SMALL, PLANES])
+def test_a_layer_of_a_stack_is_read_in_place(cfg):
+    """With ``layer``, the kernel reads that layer of stacked experts [L, E, ...]: the same as
+    the layer's own experts, and the other layers (NaN scales here) are never read."""
+    groups = [3, 0, 17, 0, 5, 6]
+    x, q, scales = _inputs(7, 31, jnp.float32)
+    gs = jnp.asarray(groups, jnp.int32)
+    want = ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True)
+    poison = jnp.full_like(scales, jnp.nan)
+    stack_q, stack_s = jnp.stack([q, q, q]), jnp.stack([poison, poison, scales])
+    y = ig.int4_grouped_matmul(x, stack_q, stack_s, gs, config=cfg, interpret=True, layer=jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))

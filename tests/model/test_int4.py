@@ -56,13 +56,13 @@ def test_int4_checkpoint_holds_int4(golden, int4_model):
     work, _, _ = golden
     assert json.loads((work / "int4" / "kimi_jax.json").read_text())["expert_format"] == "int4"
     assert json.loads((work / "dense" / "kimi_jax.json").read_text())["expert_format"] == "dense"
-    experts = int4_model.language_model.layers[1].mlp.experts
+    experts = int4_model.language_model.layer(1).mlp.experts
     assert isinstance(experts, Int4Experts)
     assert experts.gate_proj.q.shape == (8, 32, 8) and experts.gate_proj.q.dtype == jnp.uint32  # 8 values a word
     assert experts.gate_proj.scales.shape == (8, 32, 2) and experts.gate_proj.scales.dtype == jnp.bfloat16
     assert experts.down_proj.q.shape == (8, 64, 4) and experts.down_proj.scales.shape == (8, 64, 1)
     # the same weights as the dequantized conversion's [E, in, out]
-    dense = kimi_jax.load(work / "dense").language_model.layers[1].mlp.experts
+    dense = kimi_jax.load(work / "dense").language_model.layer(1).mlp.experts
     w = experts.gate_proj.gathered(jnp.arange(8), jnp.float32)
     np.testing.assert_array_equal(np.asarray(w), np.asarray(dense.gate_proj[...]))
 
@@ -79,7 +79,7 @@ def _routed(run, moe, x):
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_grouped_matches_reference(int4_model, tokens):
     """Also with fewer token copies than experts (top-2 of 8: 1 x 2, 3 x 2), where the used experts are gathered."""
-    moe = int4_model.language_model.layers[2].mlp
+    moe = int4_model.language_model.layer(2).mlp
     x = jax.random.normal(jax.random.key(tokens), (tokens, 64))
     a, b = _routed(experts_grouped, moe, x), _routed(experts_reference, moe, x)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -100,7 +100,7 @@ def _float_sizes(jaxpr):
 @pytest.mark.parametrize("run", [experts_grouped, experts_reference])
 def test_decoding_dequantizes_only_the_chosen_experts(int4_model, run):
     """One token, top-2 of 8 experts: no float array larger than two experts' projection appears."""
-    graphdef, state = nnx.split(int4_model.language_model.layers[1].mlp)
+    graphdef, state = nnx.split(int4_model.language_model.layer(1).mlp)
 
     def routed(state, x):
         moe = nnx.merge(graphdef, state)
@@ -125,7 +125,7 @@ def test_four_and_a_half_bits_per_expert_parameter(golden):
     assert 8 * sizes["routed_experts"] / counts["routed_experts"] == 4.5
     assert sizes["attention"] == 2 * counts["attention"]
     model = kimi_jax.load(work / "int4")
-    state = [nnx.state(layer.mlp.experts) for layer in model.language_model.layers[1:]]
+    state = [nnx.state(run.mlp.experts) for run in model.language_model.runs if hasattr(run.mlp, "experts")]
     stats = jax.jit(lambda s: s).lower(state).compile().memory_analysis()
     assert stats.argument_size_in_bytes == device_bytes(config, jnp.float32, "int4")["routed_experts"]
 
@@ -146,6 +146,7 @@ def test_format_2_checkpoints_are_re_laid_at_load(golden, int4_model, tmp_path):
     from orbax.checkpoint import v1 as ocp
 
     from kimi_jax.checkpoint.convert import INFO_FILE, PARAMS_DIR
+    from kimi_jax.model.decoder import per_layer
     from kimi_jax.quant.formats import unpack_words
 
     work, inputs, expected = golden
@@ -156,10 +157,11 @@ def test_format_2_checkpoints_are_re_laid_at_load(golden, int4_model, tmp_path):
     info = json.loads((old / INFO_FILE).read_text())
     (old / INFO_FILE).write_text(json.dumps({**info, "format_version": 2}))
     tree = nnx.state(int4_model).to_pure_dict()
+    tree["language_model"] = per_layer(int4_model.config.text, tree["language_model"])  # checkpoints store layers one by one
     tree = jax.tree.map(lambda x: unpack_words(x) if x.dtype == jnp.uint32 else x, tree)
     ocp.save_pytree(old / PARAMS_DIR, tree)
     model = kimi_jax.load(old)
-    q = model.language_model.layers[1].mlp.experts.gate_proj.q
+    q = model.language_model.layer(1).mlp.experts.gate_proj.q
     assert q.dtype == jnp.uint32
-    np.testing.assert_array_equal(np.asarray(q), np.asarray(int4_model.language_model.layers[1].mlp.experts.gate_proj.q))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(int4_model.language_model.layer(1).mlp.experts.gate_proj.q))
     assert rel(model(inputs["input_ids"]), expected["logits"]) < 1e-5

@@ -51,9 +51,9 @@ def test_tokens_not_valid_read_no_expert(monkeypatch, expert_format, impl):
     valid = jnp.array([[True, False], [False, False], [True, True], [False, False]])
     seen = []
 
-    def recorded(w, rows, sizes, kernel):
+    def recorded(w, rows, sizes, kernel, layer=None):
         seen.append(int(np.asarray(sizes).sum()))
-        return swiglu_grouped(w, rows, sizes, kernel)
+        return swiglu_grouped(w, rows, sizes, kernel, layer)
 
     full = np.asarray(moe(x))
     monkeypatch.setattr(moe_module, "swiglu_grouped", recorded)

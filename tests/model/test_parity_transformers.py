@@ -104,7 +104,7 @@ def test_router_choices_and_weights(case):
     cfg = model.config.text
     i = cfg.first_k_dense_replace
     x = _hidden(model, ids).reshape(-1, cfg.hidden_size)
-    weights, idx, _ = model.language_model.layers[i].mlp.gate(x)
+    weights, idx, _ = model.language_model.layer(i).mlp.gate(x)
     counts = np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts)
     assert counts.max() > 1.5 * counts.mean()  # uneven routing: a routing bug cannot hide behind ties
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_one_mla_block(case):
     lm = model.language_model
     cos, sin = lm.rope(jnp.broadcast_to(jnp.arange(T), (B, T)))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    ours = np.asarray(lm.layers[0].self_attn(jnp.asarray(x), cos, sin, mask))
+    ours = np.asarray(lm.layer(0).self_attn(jnp.asarray(x), cos, sin, mask))
     xt = torch.as_tensor(x)
     pos = torch.arange(T)[None].expand(B, T)
     causal = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(B, 1, T, T)
@@ -139,7 +139,7 @@ def test_one_moe_block(case):
     _, model, ref, ids = case
     i = model.config.text.first_k_dense_replace
     x = _hidden(model, ids)
-    ours = np.asarray(model.language_model.layers[i].mlp(x))
+    ours = np.asarray(model.language_model.layer(i).mlp(x))
     with torch.no_grad():
         theirs = ref.model.layers[i].mlp(torch.as_tensor(x)).numpy()
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5

@@ -18,7 +18,7 @@ def test_parameter_counts():
 
 def test_abstract_model_shapes():
     model = nnx.eval_shape(lambda: Kimi(kimi_k25_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    layer = model.language_model.layers[1]
+    layer = model.language_model.layer(1)
     assert layer.mlp.experts.gate_proj.shape == (384, 7168, 2048)
     assert layer.self_attn.kv_b_proj.shape == (512, 64, 256)
     assert layer.self_attn.o_proj.shape == (64, 128, 7168)

@@ -25,8 +25,8 @@ def main() -> None:
     initialize(f"127.0.0.1:{port}", 2, int(process_id))
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     model = kimi_jax.load(checkpoint, mesh=mesh)
-    experts = model.language_model.layers[1].mlp.experts.gate_proj
-    local_rows = sum(s.data.shape[0] for s in experts.addressable_shards)
+    experts = model.language_model.runs[-1].mlp.experts.gate_proj  # [layers, experts, ...]
+    local_rows = sum(s.data.shape[1] for s in experts.addressable_shards)
     ids = np.load(os.path.join(os.path.dirname(out_file), "ids.npy"))
     logits = multihost_utils.process_allgather(model(ids), tiled=True)
     prompts = [list(map(int, ids[0])), list(map(int, ids[1][:4]))]

@@ -38,9 +38,9 @@ def reference(checkpoint):
 def test_sharded_load_equals_single_device(checkpoint, reference, mesh):
     _, ids, logits, prompts, gen = reference
     model = kimi_jax.load(checkpoint, mesh=mesh)
-    experts = model.language_model.layers[1].mlp.experts.gate_proj
+    experts = model.language_model.runs[-1].mlp.experts.gate_proj  # [layers, experts, ...]
     layout = model.parallel.layout
-    assert experts.addressable_shards[0].data.shape[0] == TEXT["n_routed_experts"] // layout.axis_size("expert")
+    assert experts.addressable_shards[0].data.shape[1] == TEXT["n_routed_experts"] // layout.axis_size("expert")
     assert len(experts.sharding.device_set) == 8
     out = np.asarray(model(ids))
     assert np.abs(out - logits).max() / np.abs(logits).max() < 1e-5
@@ -52,7 +52,7 @@ def test_shard_model_from_a_loaded_model(reference):
     sharded = shard_model(model, "cpu-8")
     assert np.abs(np.asarray(sharded(ids)) - logits).max() / np.abs(logits).max() < 1e-5
     assert model.parallel is None  # the original stays on one device
-    assert sharded.language_model.layers[1].mlp.parallel is sharded.parallel
+    assert sharded.language_model.runs[-1].mlp.parallel is sharded.parallel
 
 
 def test_load_onto_a_jax_mesh_and_onto_fewer_devices(checkpoint, reference):
@@ -67,7 +67,7 @@ def test_load_onto_a_jax_mesh_and_onto_fewer_devices(checkpoint, reference):
     assert np.abs(np.asarray(model(ids)) - logits).max() / np.abs(logits).max() < 1e-5
     assert [r.token_ids for r in kimi_jax.generate(model, prompts, max_new_tokens=6, temperature=0.0)] == gen
     half = kimi_jax.load(checkpoint, mesh="data=1,expert=4,tensor=1", devices=jax.devices()[:4])
-    assert len(half.language_model.layers[1].mlp.experts.gate_proj.sharding.device_set) == 4
+    assert len(half.language_model.runs[-1].mlp.experts.gate_proj.sharding.device_set) == 4
     assert np.abs(np.asarray(half(ids)) - logits).max() / np.abs(logits).max() < 1e-5
     with pytest.raises(kimi_jax.parallel.LayoutError, match="not layout axes"):
         kimi_jax.load(checkpoint, mesh=jax.make_mesh((8,), ("model",)))

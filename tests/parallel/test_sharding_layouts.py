@@ -57,9 +57,9 @@ def test_model_shardings_and_divisibility():
     config = kimi_jax.KimiConfig.from_dict(k25_config(TEXT, multimodal=False))
     state = nnx.state(nnx.eval_shape(lambda: kimi_jax.Kimi(config, dtype=jnp.float32)))
     tree = Parallel.create("data=1,expert=4,tensor=2").state_shardings(state)
-    experts = tree["language_model"]["layers"][1]["mlp"]["experts"]["gate_proj"]
-    assert experts.spec == P("expert", None, "tensor")
-    assert tree["language_model"]["layers"][0]["self_attn"]["o_proj"].spec == P("tensor", None, None)
+    runs = tree["language_model"]["runs"]  # the dense layer, then the MoE layers: stacked, the layers axis whole
+    assert runs[1]["mlp"]["experts"]["gate_proj"].spec == P(None, "expert", None, "tensor")
+    assert runs[0]["self_attn"]["o_proj"].spec == P(None, "tensor", None, None)
     with pytest.raises(LayoutError, match=r"experts/(gate|up|down)_proj: .*'expert' of size 8 cannot be split 16 ways"):
         bad = load_layout("data=1,expert=16,tensor=1")
         Parallel(bad.abstract_mesh(), bad).state_shardings(state)

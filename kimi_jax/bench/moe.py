@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 from pathlib import Path
 
 import jax
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     parser.add_argument("--xla-max", type=positive_int, default=256,
                         help="largest token count for grouped-xla (it writes every expert in bf16 first)")
     parser.add_argument("--iters", type=positive_int, default=10, help="timed calls per measurement (median)")
-    parser.add_argument("--impls", nargs="+", default=["grouped-pallas", "grouped-xla"],
+    parser.add_argument("--impls", nargs="*", default=["grouped-pallas", "grouped-xla"],
                         choices=["grouped-pallas", "grouped-xla"], help="implementations for INT4 experts")
     parser.add_argument("--bf16-max", type=non_negative_int, default=256,
                         help="largest token count for bf16 experts through the xla backend (stock ragged_dot; "
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         formats.append(("bf16", 3 * D * F * 2, [("grouped", backend) for backend in args.bf16_backends]))
     rows = []
     for fmt, per_expert, variants in formats:
-        rows += _measure(cfg, fmt, per_expert, variants, args, bw, rate)
+        if variants:
+            rows += _measure(cfg, fmt, per_expert, variants, args, bw, rate)
+            gc.collect()  # the layer's weights (nnx modules hold reference cycles) before the next format's
     print(f"\n{len(rows)} rows appended to {args.out}. transformers' DeepseekV3MoE (PyTorch): "
           f"python {PEER} --out {Path(args.out).resolve()} in a clone of kimi-jax, in its own process.")
     if args.table:
@@ -134,8 +137,13 @@ def _measure(cfg: TextConfig, fmt: str, per_expert: float, variants, args, bw: f
     E, D, F, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     fixed = E * D * 2 + 3 * D * cfg.shared_intermediate_size * 2  # router + shared expert, bf16
     sizes = dict(routed_experts=E, hidden_size=D, moe_hidden_size=F)
-    moe = MoE(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format="int4" if fmt == "int4" else "dense")
-    state = jax.block_until_ready(nnx.state(moe))
+    def make():
+        return MoE(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format="int4" if fmt == "int4" else "dense")
+
+    # initialized in one compiled program: eagerly, each float32 draw (22.5 GB for a bf16
+    # projection at K2.5 sizes) would be held beside its bf16 copy
+    state = jax.block_until_ready(jax.jit(lambda: nnx.state(make()))())
+    moe = nnx.merge(nnx.graphdef(nnx.eval_shape(make)), state)
     route = jax.jit(lambda x: moe.gate(x)[1])
     steps = {}
     for impl, backend in variants:

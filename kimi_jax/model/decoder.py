@@ -5,7 +5,7 @@ Einsum letters: B batch, T positions, D model, V vocabulary.
 
 Layers are scanned: the consecutive layers of one kind (the first ``first_k_dense_replace``
 dense layers, then the MoE layers; ``TextConfig.layer_runs``) are one :class:`DecoderLayer` whose
-weights are stacked on a leading ``layers`` axis, run with ``nnx.scan``, so compile time does
+weights are stacked on a leading ``layers`` axis, run with ``jax.lax.scan``, so compile time does
 not grow with depth. :meth:`TextModel.layer` gives one layer as its own module, and :func:`per_layer` turns a
 state into the checkpoint's one-entry-per-layer form (``layers.3...``).
 
@@ -40,7 +40,8 @@ from kimi_jax.parallel.placement import Parallel, constrain
 ACTIVATION_AXES = ("batch", None, None)
 """Logical axes of the hidden states [B, T, D] between layers."""
 STACKED = {nnx.PARTITION_NAME: "layers", "axes": "layers"}
-"""How ``nnx.vmap`` / ``nnx.scan`` add or remove the leading ``layers`` axis of stacked weights."""
+"""How ``nnx.vmap`` (building a run) and ``nnx.spmd.remove_axis`` (a layer of it) add or remove the
+leading ``layers`` axis in the weights' metadata."""
 
 
 

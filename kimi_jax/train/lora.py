@@ -57,8 +57,8 @@ class LoRA(nnx.Module):
     def apply(self, model):
         """A model with every adapted weight replaced by ``W + scale * A @ B`` (the input is unchanged)."""
         graphdef, state = nnx.split(model)
-        # Fresh variables throughout: the model's own belong to an outer trace, which the
-        # layers' scan (nnx.scan) refuses beside the adapted ones made here.
+        # Fresh variables throughout, so the returned model belongs wholly to this trace (the
+        # model's own variables were made outside it).
         flat = {path: var.replace(var.get_raw_value()) for path, var in nnx.to_flat_state(state)}
         for (path, _), a, b in zip(self.paths, self.a, self.b, strict=True):
             var = flat[path]

@@ -157,9 +157,9 @@ class TextModel(nnx.Module):
                 return nnx.merge(graphdef, state)
         raise IndexError(f"layer {i} out of range: the model has {self.cfg.num_hidden_layers} layers")
 
-    def _scan(self, run: DecoderLayer, fn: Callable, carry, xs=None, *, remat: bool = False):
-        """``fn(layer, carry, x) -> (carry, y)`` over the layers of ``run`` (with ``xs`` [L, ...]
-        per layer, default each layer's index in its run); returns the carry and ys [L, ...].
+    def _scan(self, run: DecoderLayer, fn: Callable, carry, *, remat: bool = False):
+        """``fn(layer, carry, i) -> (carry, y)`` over the layers of ``run`` (``i``: the layer's
+        index in its run); returns the carry and the ys stacked [L, ...].
 
         A ``jax.lax.scan`` over the run's split state (each step merges its layer), so the
         model may come from any trace (e.g. merged inside ``jax.grad``). INT4 experts enter
@@ -171,16 +171,16 @@ class TextModel(nnx.Module):
         count = jax.tree.leaves(sliced)[0].shape[0]
 
         def step(carry, inputs):
-            state, x = inputs
+            state, i = inputs
             layer = nnx.merge(graphdef, nnx.spmd.remove_axis(state, 0, STACKED), whole)
             if not self.capture:
-                carry, y = fn(layer, carry, x)
+                carry, y = fn(layer, carry, i)
                 return carry, (y, None)
-            (carry, y), sown = nnx.capture(lambda layer: fn(layer, carry, x), nnx.Intermediate)(layer)
+            (carry, y), sown = nnx.capture(lambda layer: fn(layer, carry, i), nnx.Intermediate)(layer)
             return carry, (y, sown)
 
         carry, (ys, sown) = jax.lax.scan(jax.checkpoint(step) if remat else step, carry,
-                                         (sliced, jnp.arange(count, dtype=jnp.int32) if xs is None else xs))
+                                         (sliced, jnp.arange(count, dtype=jnp.int32)))
         if sown is not None:
             for path, var in nnx.to_flat_state(sown):  # e.g. ("mlp", "router_idx"): sown again on the run
                 module = functools.reduce(getattr, path[:-1], run)

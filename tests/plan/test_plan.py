@@ -72,9 +72,11 @@ def test_bf16_experts_need_more_than_eight_h200(capsys):
     assert not j["fits"] and j["weights_bytes_by_part"]["experts"] > 141e9 * 0.9
 
 
-def test_rooflines_are_in_the_range_the_design_notes_estimate(k25):
-    # ~33 GB read per token at batch 1 spread over 8 H200s: about 1.1 ms (research notes)
-    p = plan(k25, Request(find_hardware("h200"), 8, context=1024, concurrency=64), "gpu-8").to_json()
+def test_rooflines_are_in_the_range_the_design_notes_estimate(k25, tmp_path):
+    # ~33 GB read per token at batch 1 spread over 8 H200s: about 1.1 ms (research notes);
+    # no results folder, so no measured H200 rows turn the roofline into a prediction
+    p = plan(k25, Request(find_hardware("h200"), 8, context=1024, concurrency=64), "gpu-8",
+             results=tmp_path).to_json()
     assert 0.8 < p["decode_ms_per_token"] < 2.0
     # 64 sequences choose ~284 of 384 experts a layer: ~6x the tokens of batch 1 per step
     assert 4 * 1e3 / p["decode_ms_per_token"] < p["decode_tokens_per_s"] < 64 * 1e3 / p["decode_ms_per_token"]

@@ -153,7 +153,7 @@ def main() -> None:
             block = key_block_for(cfg.text, args.slots, 1, args.length, None)
             jax.clear_caches()  # measure a cold compile, not the engine's cached one
             t0 = time.perf_counter()
-            decode_step.lower(graphdef, state, slots, key_block=block).compile()
+            decode_step.lower(graphdef, state, slots, np.arange(args.slots, dtype=np.int32), key_block=block).compile()
             seconds = time.perf_counter() - t0
             print(record(args.out, bench="compile", model_layers=layers, compile_s=round(seconds, 2), **common),
                   flush=True)

@@ -251,7 +251,8 @@ def _export_one(step, graphdef, weights, slots, cfg, shapes: EngineShapes, platf
         key_block = key_block_for(cfg, shapes.batch, 1, shapes.max_length, None)
 
         def flat(w, s):
-            out = decode_step(graphdef, jax.tree.unflatten(w_def, w), jax.tree.unflatten(s_def, s), key_block=key_block)
+            out = decode_step(graphdef, jax.tree.unflatten(w_def, w), jax.tree.unflatten(s_def, s), None,
+                              key_block=key_block)
             return jax.tree.leaves(out)
 
         args = {"weights": weights, "slots": slots}

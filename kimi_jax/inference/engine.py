@@ -5,15 +5,18 @@
 device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
 
 1. admits waiting requests into free slots, reusing cached prefixes (below);
-2. dispatches one decode step for every running slot: the next token of each is sampled
+2. dispatches one decode step for the running slots: the next token of each is sampled
    on the device with the slot's own temperature, top-p, top-k and seed, and stop ids and
-   token budgets are applied there, so a finished slot stops without the host;
+   token budgets are applied there, so a finished slot stops without the host. The step
+   computes only the running slots, padded to the smallest of the ``decode_buckets`` that
+   holds them (one program each): one running sequence costs a one-row step, however many
+   slots the engine has;
 3. dispatches one prefill chunk of each of the oldest admitted requests (up to
    ``prefill_rows``; a last chunk samples its request's first token), so running sequences
    keep producing tokens while prompts are read;
 4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
-**Compilation.** Shapes are fixed per engine (slots, cache length, chunk), the steps take
+**Compilation.** Shapes are fixed per engine (slots, cache length, chunk, decode buckets), the steps take
 numpy arrays of fixed dtypes, and every step returns the slot state in the shardings it
 takes, so each step compiles once. :meth:`Engine.warm_up` (run by the first step) compiles
 them all: afterwards no request compiles anything, whatever its prompt length, sampling
@@ -46,6 +49,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -161,14 +165,23 @@ def _placed(slots: SlotState, parallel: Parallel | None) -> SlotState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "key_block"), donate_argnames="slots")
-def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, *, key_block: int):
-    """One token for every active slot: fed, attended, sampled. Returns (state, tokens [S], finished [S])."""
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array | None, *,
+                key_block: int):
+    """One token for each active slot among ``rows`` [n] (distinct slots; None: all): fed,
+    attended, sampled. The other slots are not computed, nor their caches read: a step costs
+    what its ``n`` rows do (one program per ``n``, see ``Engine(decode_buckets=)``).
+    Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(
-        slots.last[:, None], slots.active.astype(jnp.int32), slots.cache, absorbed=True, key_block=key_block
-    )
-    rows = jnp.arange(slots.active.shape[0])
-    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, slots.active)
+    S = slots.active.shape[0]
+    every = rows is None
+    rows = jnp.arange(S) if every else rows
+    active = slots.active[rows]
+    logits, cache = model.extend(slots.last[rows][:, None], active.astype(jnp.int32), slots.cache, absorbed=True,
+                                 key_block=key_block, rows=None if every else rows)
+    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, active)
+    if not every:
+        tokens = jnp.full((S,), -1, jnp.int32).at[rows].set(tokens)
+        finished = jnp.zeros((S,), bool).at[rows].set(finished)
     return _placed(slots, model.parallel), tokens, finished
 
 
@@ -181,8 +194,8 @@ def prefill_step(
     key_block: int,
 ):
     """Appends ``counts[i]`` tokens of ``ids`` [P, T] to the cache of slot ``rows[i]``
-    (distinct slots; a row with count 0 is left as it is); a row whose ``final`` chunk this is
-    samples its request's first token. ``media`` (None: no media) is P feature arrays [T, D]
+    (distinct slots, updated in place; a row with count 0 is left as it is); a row whose
+    ``final`` chunk this is samples its request's first token. ``media`` (None: no media) is P feature arrays [T, D]
     and a mask [P, T]: where the mask holds, the features replace the tokens' embeddings.
     Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
     model = nnx.merge(graphdef, state)
@@ -192,9 +205,8 @@ def prefill_step(
         embeds = model.embed(ids)
         embeds = jnp.where(is_media[..., None], jnp.stack(features).astype(embeds.dtype), embeds)
         ids = None
-    sub = jax.tree.map(lambda a: a[rows], slots.cache)
-    logits, sub = model.extend(ids, counts, sub, absorbed=absorbed, key_block=key_block, inputs_embeds=embeds)
-    cache = jax.tree.map(lambda a, r: a.at[rows].set(r), slots.cache, sub)
+    logits, cache = model.extend(ids, counts, slots.cache, absorbed=absorbed, key_block=key_block,
+                                 inputs_embeds=embeds, rows=rows)
     slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, final)
     S = slots.active.shape[0]
     return (_placed(slots, model.parallel), jnp.full((S,), -1, jnp.int32).at[rows].set(tokens),
@@ -283,6 +295,12 @@ _STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step
           media_rows_step)
 
 
+def default_decode_buckets(max_slots: int) -> tuple[int, ...]:
+    """Powers of 4 below ``max_slots``, and ``max_slots``: a decode step computes at most 4x
+    the rows it needs (64 slots: 1, 4, 16, 64)."""
+    return tuple(4**k for k in range(max_slots.bit_length()) if 4**k < max_slots) + (max_slots,)
+
+
 def _compilations() -> int:
     return sum(f._cache_size() for f in _STEPS)
 
@@ -349,12 +367,17 @@ class Engine:
     runs as fit the largest bucket, each padded to the smallest bucket that holds it; a
     medium larger than the largest bucket is refused. Each bucket costs one program and,
     with XLA attention, [N, B, B] float32 scores while it runs.
+
+    ``decode_buckets`` are the numbers of rows a decode step may compute (default
+    :func:`default_decode_buckets`): a step runs the running slots padded to the smallest
+    bucket that holds them, in one program per bucket. When the layout splits the slots over
+    devices, every step computes every slot (one bucket, ``max_slots``).
     """
 
     def __init__(
         self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
         prefill_rows: int = 4, cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
-        media_buckets: Sequence[int] | None = None,
+        media_buckets: Sequence[int] | None = None, decode_buckets: Sequence[int] | None = None,
     ):
         cfg = model.config.text
         for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk),
@@ -374,7 +397,21 @@ class Engine:
         self.graphdef, self.state = nnx.split(model.language_model)
         self._whole = nnx.split(model) if self.vision is not None else None
         self._absorbed_prefill = absorbed_is_cheaper(cfg, self.chunk)
-        self._decode_block = key_block_for(cfg, max_slots, 1, max_length, key_block)
+        parallel = model.parallel
+        split = parallel is not None and math.prod(
+            parallel.mesh.shape[a] for a in parallel.layout.mesh_axes_of("batch")) > 1
+        if decode_buckets is None:
+            decode_buckets = (max_slots,) if split else default_decode_buckets(max_slots)
+        if (not decode_buckets or max(decode_buckets) != max_slots
+                or not all(isinstance(b, int | np.integer) and 0 < b <= max_slots for b in decode_buckets)):
+            raise ValueError(f"decode_buckets must be ints in [1, max_slots = {max_slots}], the largest max_slots; "
+                             f"got {decode_buckets!r}")
+        if split and tuple(decode_buckets) != (max_slots,):
+            raise ValueError("the layout splits the slots over devices: every decode step computes every slot "
+                             f"(decode_buckets=({max_slots},)), got {decode_buckets!r}")
+        self.decode_buckets: tuple[int, ...] = tuple(sorted({int(b) for b in decode_buckets}))
+        self._every_row = split  # decode steps take rows=None: all slots, in place on each device
+        self._decode_blocks = {b: key_block_for(cfg, b, 1, max_length, key_block) for b in self.decode_buckets}
         self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
         self._slots = self._empty_slots()
@@ -432,7 +469,8 @@ class Engine:
             self._slots = copy_slot_step(self._slots, np.int32(slot), np.int32(slot), parallel=self._parallel)
             self._slots = mask_step(self._slots, self._masks, parallel=self._parallel)
             self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
-            self._slots = decode_step(self.graphdef, self.state, self._slots, key_block=self._decode_block)[0]
+            for bucket in self.decode_buckets:
+                self._slots = self._decode(list(range(bucket)))[0]
             self._prefill_chunks()  # no request: every row feeds nothing
             for program in self._media_programs.values():  # a chunk's rows from (zero) features of each bucket
                 out = program.out_info
@@ -522,10 +560,7 @@ class Engine:
         self._update_masks()
         dispatched = []
         if self._running:
-            slots, tokens, finished = decode_step(
-                self.graphdef, self.state, self._slots, key_block=self._decode_block
-            )
-            self._slots = slots
+            self._slots, tokens, finished = self._decode(sorted(self._running))
             owners = [self._running.get(s) for s in range(self.max_slots)]
             dispatched.append((tokens, finished, owners))
         if self._prefilling:
@@ -540,6 +575,18 @@ class Engine:
             pending, self._pending = self._pending, []
             for tokens, finished, owners in pending:
                 self._collect(tokens, finished, owners)
+
+    def _decode(self, slots: list[int]):
+        """Dispatches :func:`decode_step` for ``slots`` (ascending) padded with other slots (which
+        are not decoding, so feed nothing) to the smallest decode bucket that holds them."""
+        if self._every_row:
+            return decode_step(self.graphdef, self.state, self._slots, None,
+                               key_block=self._decode_blocks[self.max_slots])
+        bucket = next(b for b in self.decode_buckets if b >= len(slots))
+        chosen = set(slots)
+        rows = slots + [s for s in range(self.max_slots) if s not in chosen][: bucket - len(slots)]
+        return decode_step(self.graphdef, self.state, self._slots, np.asarray(rows, np.int32),
+                           key_block=self._decode_blocks[bucket])
 
     def _constrained(self) -> dict[int, Request]:
         """Slot -> request for the requests with a constraint that are prefilling or running."""

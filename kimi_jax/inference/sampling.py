@@ -91,7 +91,8 @@ def sample_rows(
 
     Applied in transformers' order: temperature, then top-k, then top-p (on the top-k
     renormalized distribution); ties with the last kept logit stay. Traceable, for use
-    inside compiled steps; the vocabulary is sorted only when some row filters.
+    inside compiled steps; the vocabulary is sorted only when some row filters, and random
+    bits are drawn only when some row samples.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -99,7 +100,11 @@ def sample_rows(
 
     needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
     scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+    drawn = jax.lax.cond(  # no row draws: no random bits over the vocabulary
+        jnp.any(temperature > 0),
+        lambda s: jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, s).astype(jnp.int32),
+        lambda s: greedy, scaled,
+    )
     return jnp.where(temperature > 0, drawn, greedy)
 
 

@@ -4,12 +4,14 @@ Einsum letters: L layers of a stacked cache, B batch, T query positions, N heads
 slots, C kv latent (kv_lora_rank), R rope dim; a "row" is one (query, head) pair, T*N of
 them per batch row, row ``t * N + n``.
 
-    scores[b, n, t, s] = scale * (q[b, t, n] . c_kv[b, layer, s] + q_pe[b, t, n] . k_pe[b, layer, s])
-    out[b, t, n] = softmax_s(scores[b, n, t, s] over s <= positions[b, t]) @ c_kv[b, layer, s]
+    scores[b, n, t, s] = scale * (q[b, t, n] . c_kv[r, layer, s] + q_pe[b, t, n] . k_pe[r, layer, s]),  r = rows[b]
+    out[b, t, n] = softmax_s(scores[b, n, t, s] over s <= positions[b, t]) @ c_kv[r, layer, s]
 
-Layout: ``q`` [B, T, N, C], ``q_pe`` [B, T, N, R], the stacked cache ``c_kv`` [B, L, S, C]
-and ``k_pe`` [B, L, S, R] (``kimi_jax.model.cache``; L = 1 for a single layer), a traced int32 ``layer`` (clamped to
-[0, L)), ``positions`` [B, T] int32. Returns float32 [B, T, N, C]. A query sees slot s iff
+Layout: ``q`` [B, T, N, C], ``q_pe`` [B, T, N, R], the stacked cache ``c_kv`` [Bc, L, S, C]
+and ``k_pe`` [Bc, L, S, R] (``kimi_jax.model.cache``; L = 1 for a single layer), a traced int32 ``layer`` (clamped to
+[0, L)), ``positions`` [B, T] int32 and ``rows`` [B] int32, the cache sequence each batch row
+attends over (default ``0 .. B - 1``; clamped to [0, Bc)): a decode step of a few running
+sequences of a larger cache reads only theirs. Returns float32 [B, T, N, C]. A query sees slot s iff
 ``s <= position``; a query that sees no slot (negative position) gets zeros, in the kernel and
 in :func:`mla_decode_reference` alike. The cache is cast to q's dtype in registers; dots take
 q's dtype with float32 accumulation; softmax statistics and the output are float32 (bf16
@@ -17,9 +19,9 @@ inputs: the probabilities are rounded to bf16 for the value product, as the MLA 
 
 What it reads (the floor): per batch row only the slots below ``kv_len = min(S, max_t
 positions[b, t] + 1)`` of the chosen layer, each once from HBM, (C + R) values per slot,
-plus q. Slots past ``kv_len``, other batch rows and other layers are never read; no copy of
-the layer's slice is made: ``layer`` is an int32 [1] operand that each program loads and
-indexes the stacked arrays with (the Triton lowering has no scalar prefetch).
+plus q. Slots past ``kv_len``, other sequences and other layers are never read; no copy of
+the layer's slice is made: ``layer`` is an int32 [1] operand (and ``rows`` an int32 [B] one)
+that each program loads and indexes the stacked arrays with (the Triton lowering has no scalar prefetch).
 
 Design. Two launches.
 
@@ -88,9 +90,11 @@ def _pow2_at_least(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def mla_decode_reference(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float) -> jax.Array:
+def mla_decode_reference(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, rows=None) -> jax.Array:
     """The definition in plain JAX (float32 scores, softmax and value product): float32 [B, T, N, C]."""
     hi = lax.Precision.HIGHEST
+    if rows is not None:
+        c_kv, k_pe = c_kv[rows], k_pe[rows]
     ckv = lax.dynamic_index_in_dim(c_kv, layer, 1, keepdims=False).astype(q.dtype)
     kpe = lax.dynamic_index_in_dim(k_pe, layer, 1, keepdims=False).astype(q.dtype)
     scores = jnp.einsum("btnc,bsc->bnts", q, ckv, precision=hi, preferred_element_type=jnp.float32)
@@ -135,8 +139,8 @@ def _share(kv_len, splits: int, block_s: int, min_blocks: int):
     return per, _cdiv(nb, per)
 
 
-def _split_kernel(layer_ref, pos_ref, q_ref, qpe_ref, ckv_ref, kpe_ref, acc_ref, m_ref, l_ref, *,
-                  T: int, N: int, S: int, L: int, splits: int, block_s: int, block_rows: int, block_c: int,
+def _split_kernel(layer_ref, rows_ref, pos_ref, q_ref, qpe_ref, ckv_ref, kpe_ref, acc_ref, m_ref, l_ref, *,
+                  T: int, N: int, S: int, L: int, Bc: int, splits: int, block_s: int, block_rows: int, block_c: int,
                   min_blocks: int, scale: float, precision):
     rb, sp, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bs, br, bc = block_s, block_rows, block_c
@@ -151,6 +155,7 @@ def _split_kernel(layer_ref, pos_ref, q_ref, qpe_ref, ckv_ref, kpe_ref, acc_ref,
     @pl.when(lo < hi)
     def _():
         layer = jnp.clip(layer_ref[0], 0, L - 1)
+        seq = jnp.clip(rows_ref[b], 0, Bc - 1)
         r0 = rb * br
         rows = r0 + lax.broadcasted_iota(jnp.int32, (br,), 0)
         valid = rows < T * N
@@ -174,7 +179,7 @@ def _split_kernel(layer_ref, pos_ref, q_ref, qpe_ref, ckv_ref, kpe_ref, acc_ref,
             inside = slots[:, None] < kv_len
 
             def slots_of(ref, c0, width):
-                return plgpu.load(ref.at[b, layer, pl.ds(s0, bs), pl.ds(c0, width)],
+                return plgpu.load(ref.at[seq, layer, pl.ds(s0, bs), pl.ds(c0, width)],
                                   mask=jnp.broadcast_to(inside, (bs, width)), other=0).astype(dtype)
 
             kv = [slots_of(ckv_ref, k * bc, bc) for k in chunks]
@@ -258,11 +263,12 @@ def tuned_config(batch: int) -> dict:
     return dict(block_s=64, block_rows=BLOCK_ROWS, block_c=128, num_warps=4, num_stages=2)
 
 
-def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, block_s: int | None = None,
+def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, rows=None, block_s: int | None = None,
                block_rows: int | None = None, block_c: int | None = None, splits: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, min_split_slots: int = MIN_SPLIT_SLOTS,
                interpret: bool = False) -> jax.Array:
-    """Absorbed MLA attention of ``q`` / ``q_pe`` over layer ``layer`` of the stacked cache: float32 [B, T, N, C].
+    """Absorbed MLA attention of ``q`` / ``q_pe`` over layer ``layer`` of the stacked cache's
+    sequences ``rows`` [B] (default the first B): float32 [B, T, N, C].
 
     ``block_s`` cache slots per step of a program; ``block_rows`` query rows per program (at
     most T*N rounded up to a power of two); ``block_c`` accumulator columns per dot; ``splits``
@@ -276,12 +282,18 @@ def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, block_s: 
     chosen = {k: v if v is not None else tuned_config(B)[k] for k, v in given.items()}
     block_s, block_rows, block_c = chosen["block_s"], chosen["block_rows"], chosen["block_c"]
     num_warps, num_stages = chosen["num_warps"], chosen["num_stages"]
-    L, S, R = c_kv.shape[1], c_kv.shape[2], k_pe.shape[-1]
-    if c_kv.shape != (B, L, S, C) or k_pe.shape != (B, L, S, R) or q_pe.shape != (B, T, N, R):
+    Bc, L, S, R = c_kv.shape[0], c_kv.shape[1], c_kv.shape[2], k_pe.shape[-1]
+    if c_kv.shape != (Bc, L, S, C) or k_pe.shape != (Bc, L, S, R) or q_pe.shape != (B, T, N, R):
         raise ValueError(f"mla_decode: shapes do not match: q {q.shape}, q_pe {q_pe.shape}, "
-                         f"c_kv {c_kv.shape} (want [B, L, S, C]), k_pe {k_pe.shape} (want [B, L, S, R])")
+                         f"c_kv {c_kv.shape} (want [Bc, L, S, C]), k_pe {k_pe.shape} (want [Bc, L, S, R])")
     if positions.shape != (B, T):
         raise ValueError(f"mla_decode: positions {positions.shape} must be [B, T] = {(B, T)}")
+    if rows is None:
+        if Bc < B:
+            raise ValueError(f"mla_decode: the cache holds {Bc} sequences, fewer than the {B} batch rows (pass rows)")
+        rows = jnp.arange(B, dtype=jnp.int32)
+    elif jnp.shape(rows) != (B,):
+        raise ValueError(f"mla_decode: rows {jnp.shape(rows)} must be [B] = {(B,)}")
     for name, n in (("C", C), ("R", R), ("block_s", block_s), ("block_rows", block_rows), ("block_c", block_c)):
         if n < 16 or n & (n - 1):
             raise ValueError(f"mla_decode: {name} = {n} must be a power of two >= 16")
@@ -289,7 +301,8 @@ def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, block_s: 
     splits = splits or auto_splits(B, T * N, S, block_rows=block_rows, block_s=block_s,
                                    min_split_slots=min_split_slots)
     out = _call(q.reshape(B, T * N, C), q_pe.reshape(B, T * N, R), c_kv, k_pe, jnp.asarray(layer, jnp.int32).reshape(1),
-                positions.astype(jnp.int32), T=T, N=N, scale=float(scale), block_s=block_s, block_rows=block_rows,
+                jnp.asarray(rows, jnp.int32), positions.astype(jnp.int32), T=T, N=N, scale=float(scale),
+                block_s=block_s, block_rows=block_rows,
                 block_c=min(block_c, C), splits=splits, num_warps=num_warps, num_stages=num_stages,
                 min_blocks=_cdiv(min_split_slots, block_s), interpret=interpret)
     return out.reshape(B, T, N, C)
@@ -297,15 +310,16 @@ def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, block_s: 
 
 @functools.partial(jax.jit, static_argnames=("T", "N", "scale", "block_s", "block_rows", "block_c", "splits",
                                              "num_warps", "num_stages", "min_blocks", "interpret"))
-def _call(q, q_pe, c_kv, k_pe, layer, positions, *, T, N, scale, block_s, block_rows, block_c, splits, num_warps,
-          num_stages, min_blocks, interpret):
-    B, L, S, C = c_kv.shape
+def _call(q, q_pe, c_kv, k_pe, layer, rows, positions, *, T, N, scale, block_s, block_rows, block_c, splits,
+          num_warps, num_stages, min_blocks, interpret):
+    Bc, L, S, C = c_kv.shape
+    B = q.shape[0]
     rows_pad = _cdiv(T * N, block_rows) * block_rows
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     common = dict(T=T, N=N, S=S, splits=splits, block_s=block_s, min_blocks=min_blocks)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     acc, m, total = pl.pallas_call(
-        functools.partial(_split_kernel, L=L, block_rows=block_rows, block_c=block_c, scale=scale,
+        functools.partial(_split_kernel, L=L, Bc=Bc, block_rows=block_rows, block_c=block_c, scale=scale,
                           precision=precision, **common),
         out_shape=(jax.ShapeDtypeStruct((B, splits, rows_pad, C), jnp.float32),
                    jax.ShapeDtypeStruct((B, splits, rows_pad), jnp.float32),
@@ -314,7 +328,7 @@ def _call(q, q_pe, c_kv, k_pe, layer, positions, *, T, N, scale, block_s, block_
         interpret=interpret,
         compiler_params=params,
         name="mla_decode_split",
-    )(layer, positions, q, q_pe, c_kv, k_pe)
+    )(layer, rows, positions, q, q_pe, c_kv, k_pe)
     sc, cbr, cbc = _combine_blocks(B, splits, rows_pad, C)
     params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(

@@ -34,20 +34,31 @@ class LayerCache:
     c_kv: jax.Array
     k_pe: jax.Array
 
-    def write(self, layer: jax.Array, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array) -> LayerCache:
-        """Stores layer ``layer``'s new entries ``c_kv`` [B, T, C] and ``k_pe`` [B, T, R] at
-        slots ``positions`` [B, T]. Values are cast to the cache's dtype; positions past the
-        cache's end are dropped."""
-        rows = jnp.arange(positions.shape[0])[:, None]
+    def write(self, layer: jax.Array, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
+              rows: jax.Array | None = None) -> LayerCache:
+        """Stores layer ``layer``'s new entries ``c_kv`` [n, T, C] and ``k_pe`` [n, T, R] at
+        slots ``positions`` [n, T] of sequences ``rows`` [n] (distinct; None: all, n = B), in
+        place. Values are cast to the cache's dtype; positions past the cache's end are dropped."""
+        rows = jnp.arange(positions.shape[0]) if rows is None else rows
         return LayerCache(
-            self.c_kv.at[rows, layer, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
-            self.k_pe.at[rows, layer, positions].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+            self.c_kv.at[rows[:, None], layer, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            self.k_pe.at[rows[:, None], layer, positions].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
         )
 
-    def layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Layer ``layer``'s latents [B, S, C] and roped keys [B, S, R]."""
-        return (jax.lax.dynamic_index_in_dim(self.c_kv, layer, axis=1, keepdims=False),
-                jax.lax.dynamic_index_in_dim(self.k_pe, layer, axis=1, keepdims=False))
+    def layer(self, layer: jax.Array, rows: jax.Array | None = None, start: jax.Array | int = 0,
+              size: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """Layer ``layer``'s latents [n, size, C] and roped keys [n, size, R]: slots ``start ..
+        start + size - 1`` (default all) of sequences ``rows`` [n] (None: all, n = B). Only those
+        entries are read (a slice or a gather, never a copy of the stack)."""
+        size = self.c_kv.shape[2] if size is None else size
+        if rows is None:
+            return tuple(jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 1, keepdims=False),
+                                                      start, size, axis=1) for a in (self.c_kv, self.k_pe))
+
+        def one(a, row):
+            return jax.lax.dynamic_slice(a, (row, layer, start, 0), (1, 1, size, a.shape[3]))[0, 0]
+
+        return tuple(jax.vmap(one, in_axes=(None, 0))(a, rows) for a in (self.c_kv, self.k_pe))
 
 
 @jax.tree_util.register_dataclass

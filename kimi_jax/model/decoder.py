@@ -93,13 +93,14 @@ class DecoderLayer(nnx.Module):
 
     def cached(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, layer: jax.Array,
-        *, absorbed: bool, key_block: int, valid: jax.Array | None = None,
+        *, absorbed: bool, key_block: int, valid: jax.Array | None = None, rows: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """The layer over new tokens at ``positions``, attending over (and writing) layer
-        ``layer`` of its run's ``cache``; ``valid`` [B, T] marks the real tokens (an MoE routes only those)."""
+        ``layer`` of its run's ``cache`` (sequences ``rows``, see ``MLA.cached``); ``valid`` [B, T]
+        marks the real tokens (only those attend and are routed to experts)."""
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
         attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, layer, absorbed=absorbed,
-                                            key_block=key_block)
+                                            key_block=key_block, valid=valid, rows=rows)
         return self._residual(x, normed, attn, valid, layer), cache
 
     def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array, valid: jax.Array | None = None,
@@ -241,21 +242,25 @@ class TextModel(nnx.Module):
 
     def extend(
         self, input_ids: jax.Array | None, counts: jax.Array, cache: KVCache, *, absorbed: bool, key_block: int,
-        inputs_embeds: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None, rows: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Appends tokens to the cache; logits [B, V] (float32) at each row's last new token.
+        """Appends tokens to the cache's sequences ``rows`` [B] (distinct; None: all, in order);
+        logits [B, V] (float32) at each row's last new token.
 
         The tokens come as ``input_ids`` [B, T] or as their embeddings ``inputs_embeds``
         [B, T, D] (a prefill with media spliced in). Row ``b`` holds ``counts[b]`` new tokens
-        followed by padding; they take positions ``cache.lengths[b] + 0..T-1`` and each attends
-        to the cache slots up to its own position. Padding writes only slots past the row's new
-        length, which later tokens overwrite before any query sees them. A row with count 0
-        keeps its length (its logits are meaningless). Padding and rows with count 0 are routed to
-        no expert (their experts are not read). ``absorbed`` selects MLA's form, ``key_block``
-        how many cache slots attention scores at once (``MLA.cached``).
+        followed by padding; they take positions ``cache.lengths[r] + 0..T-1`` (r = ``rows[b]``)
+        and each attends to the cache slots up to its own position. The cache is updated in
+        place: other sequences are neither read nor copied. Padding writes only slots past the
+        row's new length, which later tokens overwrite before any query sees them. A row with
+        count 0 keeps its length (its logits are meaningless). Padding and rows with count 0
+        attend to nothing and are routed to no expert (their cache and experts are not read).
+        ``absorbed`` selects MLA's form, ``key_block`` how many cache slots attention scores at
+        once (``MLA.cached``).
         """
         T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        lengths = cache.lengths if rows is None else cache.lengths[rows]
+        positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         cos, sin = self.rope(positions)
         valid = jnp.arange(T) < counts[:, None]
         x = self._inputs(input_ids, inputs_embeds)
@@ -263,7 +268,7 @@ class TextModel(nnx.Module):
         def step(layer, carry, i):
             x, run_cache = carry
             x, run_cache = layer.cached(x, cos, sin, positions, run_cache, i, absorbed=absorbed, key_block=key_block,
-                                        valid=valid)
+                                        valid=valid, rows=rows)
             return (constrain(x, ACTIVATION_AXES, self.parallel), run_cache), None
 
         runs = []
@@ -271,4 +276,5 @@ class TextModel(nnx.Module):
             (x, run_cache), _ = self._scan(run, step, (x, run_cache))
             runs.append(run_cache)
         last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
-        return self.logits(last)[:, 0], KVCache(tuple(runs), cache.lengths + counts)
+        lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts)
+        return self.logits(last)[:, 0], KVCache(tuple(runs), lengths)

@@ -80,13 +80,14 @@ class MLA(nnx.Module):
 
     def attend_cache(
         self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
-        absorbed: bool, block: int,
+        absorbed: bool, block: int, rows: jax.Array | None = None,
     ) -> jax.Array:
-        """Attention of queries at ``positions`` [B, T] over layer ``layer``'s cache slots up to their positions.
+        """Attention of queries at ``positions`` [B, T] over layer ``layer``'s cache slots up to
+        their positions (of cache sequences ``rows`` [B]; None: the first B).
 
         The slots are visited in blocks of ``block`` with an online softmax, so the scores
         take [B, N, T, block] rather than [B, N, T, S], and blocks past the furthest query
-        position are not visited at all. Returns [B, T, D].
+        position are not visited at all. A query that sees no slot gets zeros. Returns [B, T, D].
         """
         q = self._absorb(q_nope) if absorbed else q_nope
         (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[2], q_pe.dtype
@@ -96,10 +97,7 @@ class MLA(nnx.Module):
         def visit(i, carry):
             m, total, acc = carry
             start = jnp.minimum(i * block, S - block)  # the last block is shifted back to fit
-            c_kv, k_pe = (
-                jax.lax.dynamic_slice(a, (0, layer, start, 0), (B, 1, block, a.shape[3]))[:, 0].astype(dtype)
-                for a in (cache.c_kv, cache.k_pe)
-            )
+            c_kv, k_pe = (a.astype(dtype) for a in cache.layer(layer, rows, start, block))
             scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
             slots = start + jnp.arange(block)
             # slots a shifted block shares with the previous one were counted already
@@ -115,7 +113,8 @@ class MLA(nnx.Module):
         init = (jnp.full((B, N, T), lowest), jnp.zeros((B, N, T)), jnp.zeros((B, T, N, width)))
         n_blocks = jnp.minimum(jnp.max(positions) // block + 1, -(-S // block))
         _, total, acc = jax.lax.fori_loop(0, n_blocks, visit, init)
-        return self._project((acc / total.transpose(0, 2, 1)[..., None]).astype(dtype), absorbed)
+        total = total.transpose(0, 2, 1)[..., None]
+        return self._project(jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0).astype(dtype), absorbed)
 
     def _absorb(self, q_nope: jax.Array) -> jax.Array:
         """``q_nope`` [B, T, N, H] folded through ``kv_b_proj``'s key half: [B, T, N, C]."""
@@ -175,44 +174,50 @@ class MLA(nnx.Module):
 
     def cached(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache,
-        layer: jax.Array, *, absorbed: bool, key_block: int,
+        layer: jax.Array, *, absorbed: bool, key_block: int, valid: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over layer ``layer``
-        of its run's cache.
+        of its run's cache, whose sequences ``rows`` [B] (distinct; None: the first B) they
+        extend, in place.
 
         The tokens' latents are written into the cache first; then each query attends to the
-        slots up to its position: absorbed on NVIDIA GPUs by the Pallas kernel
+        slots up to its position (where ``valid`` [B, T] is False, to none: padding reads no
+        cache, and its output is meaningless): absorbed on NVIDIA GPUs by the Pallas kernel
         (:meth:`attend_cache_pallas`, where it takes the widths), elsewhere (and expanded) with XLA, all at once when the
         cache has at most ``key_block`` slots, else block by block (:meth:`attend_cache`).
         Returns [B, T, D] and the updated cache.
         """
         q_nope, q_pe = self.queries(x, cos, sin)
-        cache = cache.write(layer, positions, *self.latents(x, cos, sin))
+        cache = cache.write(layer, positions, *self.latents(x, cos, sin), rows=rows)
+        if valid is not None:
+            positions = jnp.where(valid, positions, -1)
         attend = functools.partial(self._attend_cache_xla, absorbed=absorbed, key_block=key_block)
         if absorbed and mla_decode_fits(self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim):  # NVIDIA GPUs: Pallas
-            out = jax.lax.platform_dependent(q_nope, q_pe, cache, layer, positions, cuda=self.attend_cache_pallas,
-                                             default=attend)
+            out = jax.lax.platform_dependent(q_nope, q_pe, cache, layer, positions, rows,
+                                             cuda=self.attend_cache_pallas, default=attend)
             return out, cache
-        return attend(q_nope, q_pe, cache, layer, positions), cache
+        return attend(q_nope, q_pe, cache, layer, positions, rows), cache
 
     def attend_cache_pallas(
-        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
-        interpret: bool = False,
+        self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array,
+        rows: jax.Array | None = None, *, interpret: bool = False,
     ) -> jax.Array:
-        """Absorbed attention over layer ``layer``'s cache by ``kimi_jax.kernels.mla_decode``
-        (each visible slot read once, straight from the stacked cache): [B, T, D]."""
-        out = mla_decode(self._absorb(q_nope), q_pe, cache.c_kv, cache.k_pe, layer, positions,
+        """Absorbed attention over layer ``layer``'s cache (sequences ``rows``) by
+        ``kimi_jax.kernels.mla_decode`` (each visible slot read once, straight from the stacked cache): [B, T, D]."""
+        out = mla_decode(self._absorb(q_nope), q_pe, cache.c_kv, cache.k_pe, layer, positions, rows=rows,
                          scale=self.cfg.softmax_scale, interpret=interpret)
         return self._project(out.astype(q_pe.dtype), absorbed=True)
 
-    def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, *, absorbed: bool,
+    def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, rows=None, *, absorbed: bool,
                           key_block: int) -> jax.Array:
         S = cache.c_kv.shape[2]
         if key_block < S:
-            return self.attend_cache(q_nope, q_pe, cache, layer, positions, absorbed=absorbed, block=key_block)
+            return self.attend_cache(q_nope, q_pe, cache, layer, positions, absorbed=absorbed, block=key_block,
+                                     rows=rows)
         mask = jnp.arange(S) <= positions[..., None]
         attend = self.attend_absorbed if absorbed else self.attend_expanded
-        c_kv, k_pe = cache.layer(layer)
+        c_kv, k_pe = cache.layer(layer, rows)
         return attend(q_nope, q_pe, c_kv.astype(q_pe.dtype), k_pe.astype(q_pe.dtype), mask)
 
 

@@ -50,8 +50,10 @@ def solo(model, prompts):
     return out
 
 
-def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo):
-    eng = engine(model)
+@pytest.mark.parametrize("buckets", [None, (3,), (1, 2, 3)])
+def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo, buckets):
+    """Whatever decode bucket computes a request's step (default (1, 3); every slot; one per count)."""
+    eng = engine(model, decode_buckets=buckets)
     requests = []
     for step, prompt in enumerate(prompts):  # one new request per step, more requests than slots
         requests.append(eng.submit(prompt, max_new_tokens=NEW))
@@ -63,6 +65,21 @@ def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo):
     stats = eng.stats()
     assert stats["free_slots"] == 3 and stats["running"] == 0
     assert stats["decoded_tokens"] == NEW * len(prompts)
+
+
+@pytest.mark.parametrize("buckets, match", [((2,), "the largest max_slots"), ((0, 3), "ints in"), ((), "ints in"),
+                                            ((1.5, 3), "ints in")])
+def test_bad_decode_buckets(model, buckets, match):
+    with pytest.raises(ValueError, match=match):
+        engine(model, decode_buckets=buckets)
+
+
+@pytest.mark.mesh
+def test_split_slots_decode_every_slot(model):
+    sharded = kimi_jax.parallel.shard_model(model, "data=2,expert=2,tensor=2")
+    assert engine(sharded, max_slots=4).decode_buckets == (4,)
+    with pytest.raises(ValueError, match="splits the slots"):
+        engine(sharded, max_slots=4, decode_buckets=(1, 4))
 
 
 @pytest.mark.parametrize("mesh", [None, pytest.param("data=2,expert=2,tensor=2", marks=pytest.mark.mesh)])

@@ -90,6 +90,22 @@ def test_defaults_read_only_the_layer_and_the_visible_slots():
     np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
 
 
+def test_rows_pick_the_cache_sequences_and_read_no_other():
+    """Batch rows attend over cache sequences ``rows`` (a decode step of some of an engine's
+    slots): the other sequences are NaN, never read."""
+    q, q_pe, _, _ = _inputs(17, B=3, T=1, L=2)
+    _, _, c_kv, k_pe = _inputs(18, B=5, T=1, L=2)
+    rows = jnp.asarray([4, 0, 2], jnp.int32)
+    positions = jnp.asarray([[S - 1], [3], [20]], jnp.int32)
+    ref = md.mla_decode_reference(q, q_pe, c_kv, k_pe, 1, positions, scale=SCALE, rows=rows)
+    want = md.mla_decode_reference(q, q_pe, c_kv[rows], k_pe[rows], 1, positions, scale=SCALE)
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+    unused = ~jnp.isin(jnp.arange(5), rows)[:, None, None, None]
+    poisoned = [jnp.where(unused, jnp.nan, x) for x in (c_kv, k_pe)]
+    out = _kernel()(q, q_pe, *poisoned, jnp.int32(1), positions, rows=rows)
+    assert _rel(out, ref) < 1e-5
+
+
 def test_auto_splits():
     assert md.auto_splits(1, 64, 32768) == 66  # 2 row blocks x 66 splits: one wave on 132 SMs
     assert md.auto_splits(32, 64, 32768) == 2
@@ -103,10 +119,14 @@ def test_auto_splits():
 def test_rejects_bad_shapes():
     q, q_pe, c_kv, k_pe = _inputs(0, B=2, T=1, L=2)
     positions = jnp.zeros((2, 1), jnp.int32)
-    with pytest.raises(ValueError, match="want \\[B, L, S, C\\]"):
+    with pytest.raises(ValueError, match="want \\[Bc, L, S, C\\]"):
         md.mla_decode(q, q_pe, c_kv[:, 0], k_pe, 0, positions, scale=SCALE, interpret=True)
     with pytest.raises(ValueError, match="positions"):
         md.mla_decode(q, q_pe, c_kv, k_pe, 0, positions[:, 0], scale=SCALE, interpret=True)
+    with pytest.raises(ValueError, match="rows"):
+        md.mla_decode(q, q_pe, c_kv, k_pe, 0, positions, scale=SCALE, rows=jnp.zeros(3, jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="pass rows"):
+        md.mla_decode(q, q_pe, c_kv[:1], k_pe[:1], 0, positions, scale=SCALE, interpret=True)
     with pytest.raises(ValueError, match="block_s = 24"):
         md.mla_decode(q, q_pe, c_kv, k_pe, 0, positions, scale=SCALE, block_s=24, interpret=True)
 
@@ -148,4 +168,9 @@ def test_models_kernel_path_equals_its_xla_path(T):
     out = kernel(q_nope, q_pe, cache, layer, positions)
     for key_block in (s, 16):
         want = mla._attend_cache_xla(q_nope, q_pe, cache, layer, positions, absorbed=True, key_block=key_block)
+        assert _rel(out, want) < 1e-5
+    rows = jnp.asarray([1, 0], jnp.int32)  # the batch rows attend over the cache's sequences swapped
+    out = kernel(q_nope, q_pe, cache, layer, positions, rows)
+    for key_block in (s, 16):
+        want = mla._attend_cache_xla(q_nope, q_pe, cache, layer, positions, rows, absorbed=True, key_block=key_block)
         assert _rel(out, want) < 1e-5

@@ -3,7 +3,8 @@
 In one run, after measuring the copy bandwidth:
 
 1. ``decode-1`` / ``decode-N``: ms per decode step of a K2.5 cut (``--layers``, INT4
-   experts, random weights) with 1 and N running sequences, against the floor of the step
+   experts, random weights) with 1 and N running sequences, steps dispatched back to back
+   (and, beside it, blocked on one by one), against the floor of the step
    (bytes it must read: the non-expert weights, the distinct experts the tokens choose on
    average, the cache; over the bandwidth);
 2. ``arrivals``: ``--requests`` prompts of ``--prompt`` tokens arriving one every
@@ -80,21 +81,36 @@ def warm_engine(model, args) -> Engine:
     return engine
 
 
-def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> float | None:
-    """Median ms of the decode steps while every prompt's request is decoding (the first two
-    left out); None if no step was (``new`` too small for the prompts' prefill steps)."""
+def decode_ms(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, float] | None:
+    """Ms per decode step (one token per sequence) while every prompt's request is decoding:
+    the steady rate (steps dispatched back to back: the engine overlaps the host's work with
+    the device's, and runs ``decode_burst`` steps per dispatch when nothing else is scheduled)
+    and the rate when each ``Engine.step`` is blocked on (host and device times added). Rates
+    are measured between points where the host has read a step's tokens, over a window of
+    tokens of the first request; None if too few steps had every request decoding (``new``
+    too small for the prompts' prefill steps)."""
     requests = [engine.submit(p, max_new_tokens=new) for p in prompts]
     while not all(r.token_ids for r in requests):
         engine.step()
-    times = []
-    while not any(r.done for r in requests):
-        t0 = time.perf_counter()
+    for _ in range(2):
         engine.step()
-        jax.block_until_ready(engine._slots.last)
-        times.append(time.perf_counter() - t0)
+    window = (new - max(len(r.token_ids) for r in requests)) // 2 - engine.decode_burst
+    if window < 2:
+        return None
+
+    def rate(blocked: bool) -> float:
+        first = requests[0].token_ids
+        start, t0 = len(first), time.perf_counter()
+        while len(first) - start < window:
+            engine.step()
+            if blocked:
+                jax.block_until_ready(engine._slots.last)
+        return (time.perf_counter() - t0) / (len(first) - start)
+
+    steady, blocked = rate(False), rate(True)
+    assert not any(r.done for r in requests), "a request ended while timed"
     engine.run()
-    times = times[2:] or times
-    return 1e3 * float(np.median(times)) if times else None
+    return 1e3 * steady, 1e3 * blocked
 
 
 def main() -> None:
@@ -106,7 +122,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the arrivals workload")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--every", type=int, default=2, help="steps between arrivals")
-    parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--new", type=int, default=32, help="tokens generated per request of the arrivals")
+    parser.add_argument("--decode-new", type=int, default=64, help="tokens generated per request of decode-1 / -N")
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "arrivals", "compile", "mla"])
     parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "engine.jsonl"))
@@ -130,13 +147,15 @@ def main() -> None:
         short = 128
         for batch in (1, args.slots):
             prompts = [rng.integers(0, V, short).tolist() for _ in range(batch)]
-            ms = decode_ms(engine, prompts, args.new)
-            if ms is None:
-                print(f"decode-{batch}: no step had every request decoding; raise --new", flush=True)
+            timed = decode_ms(engine, prompts, args.decode_new)
+            if timed is None:
+                print(f"decode-{batch}: too few steps with every request decoding; raise --new", flush=True)
                 continue
-            floor = step_floor_bytes(config, batch, short + args.new // 2) / bw * 1e3
+            ms, blocked = timed
+            floor = step_floor_bytes(config, batch, short + args.decode_new // 2) / bw * 1e3
             row = record(args.out, bench="decode", batch=batch, ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
-                         floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1), **common)
+                         floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1),
+                         blocked_ms_per_step=round(blocked, 3), slots=args.slots, **common)
             print(row, flush=True)
         del engine
 

@@ -10,7 +10,9 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
    token budgets are applied there, so a finished slot stops without the host. The step
    computes only the running slots, padded to the smallest of the ``decode_buckets`` that
    holds them (one program each): one running sequence costs a one-row step, however many
-   slots the engine has;
+   slots the engine has. While no request waits, is prefilled or is constrained, one
+   dispatch runs ``decode_burst`` steps back to back on the device (their tokens come back
+   together), so the host's work per step is spread over several tokens;
 3. dispatches one prefill chunk of each of the oldest admitted requests (up to
    ``prefill_rows``; a last chunk samples its request's first token), so running sequences
    keep producing tokens while prompts are read;
@@ -164,14 +166,56 @@ def _placed(slots: SlotState, parallel: Parallel | None) -> SlotState:
     return jax.tree.map(lambda a: parallel.constrain(a, ("batch",) + (None,) * (a.ndim - 1)), slots)
 
 
+class Hashed:
+    """A static argument whose hash is computed once: jit hashes its static arguments at every
+    call, and a model's ``GraphDef`` takes about 0.2 ms to hash (a decode step's whole budget
+    at small batches is a few ms)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Hashed) and self._hash == other._hash and (
+            self.value is other.value or self.value == other.value)
+
+
+def _merge(graphdef: nnx.GraphDef | Hashed, state: nnx.State):
+    return nnx.merge(graphdef.value if isinstance(graphdef, Hashed) else graphdef, state)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "key_block"), donate_argnames="slots")
-def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array | None, *,
+def decode_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array | None, *,
                 key_block: int):
     """One token for each active slot among ``rows`` [n] (distinct slots; None: all): fed,
     attended, sampled. The other slots are not computed, nor their caches read: a step costs
     what its ``n`` rows do (one program per ``n``, see ``Engine(decode_buckets=)``).
     Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
+    return _decode(model, slots, rows, key_block)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "key_block", "steps"), donate_argnames="slots")
+def decode_burst_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState,
+                      rows: jax.Array | None, *, key_block: int, steps: int):
+    """``steps`` consecutive :func:`decode_step` s in one program (the device runs them back to
+    back, with no host work between tokens): tokens and finished [steps, S]. A slot whose
+    request ends at one of them emits nothing in the later ones."""
+    model = _merge(graphdef, state)
+
+    def one(slots, _):
+        slots, tokens, finished = _decode(model, slots, rows, key_block)
+        return slots, (tokens, finished)
+
+    slots, (tokens, finished) = jax.lax.scan(one, slots, length=steps)
+    return slots, tokens, finished
+
+
+def _decode(model, slots: SlotState, rows: jax.Array | None, key_block: int):
     S = slots.active.shape[0]
     every = rows is None
     rows = jnp.arange(S) if every else rows
@@ -189,7 +233,7 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows
     jax.jit, static_argnames=("graphdef", "absorbed", "key_block"), donate_argnames="slots"
 )
 def prefill_step(
-    graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, rows: jax.Array, ids: jax.Array,
+    graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array, ids: jax.Array,
     media: tuple[tuple[jax.Array, ...], jax.Array] | None, counts: jax.Array, final: jax.Array, *, absorbed: bool,
     key_block: int,
 ):
@@ -198,7 +242,7 @@ def prefill_step(
     ``final`` chunk this is samples its request's first token. ``media`` (None: no media) is P feature arrays [T, D]
     and a mask [P, T]: where the mask holds, the features replace the tokens' embeddings.
     Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     embeds = None
     if media is not None:
         features, is_media = media
@@ -291,7 +335,7 @@ def default_media_buckets(vision: VisionConfig, max_length: int) -> tuple[int, .
     return tuple(1 << k for k in range(min(8, top.bit_length() - 1), top.bit_length()))
 
 
-_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
+_STEPS = (decode_step, decode_burst_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
           media_rows_step)
 
 
@@ -371,17 +415,19 @@ class Engine:
     ``decode_buckets`` are the numbers of rows a decode step may compute (default
     :func:`default_decode_buckets`): a step runs the running slots padded to the smallest
     bucket that holds them, in one program per bucket. When the layout splits the slots over
-    devices, every step computes every slot (one bucket, ``max_slots``).
+    devices, every step computes every slot (one bucket, ``max_slots``). ``decode_burst`` is
+    the decode steps one dispatch runs while nothing else is scheduled (1: one per :meth:`step`).
     """
 
     def __init__(
         self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
         prefill_rows: int = 4, cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
         media_buckets: Sequence[int] | None = None, decode_buckets: Sequence[int] | None = None,
+        decode_burst: int = 4,
     ):
         cfg = model.config.text
         for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk),
-                            ("prefill_rows", prefill_rows)):
+                            ("prefill_rows", prefill_rows), ("decode_burst", decode_burst)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if max_length > cfg.max_position_embeddings:
@@ -395,6 +441,7 @@ class Engine:
         self.chunk = min(prefill_chunk, max_length)
         self.prefill_rows = min(prefill_rows, max_slots)
         self.graphdef, self.state = nnx.split(model.language_model)
+        self._graph = Hashed(self.graphdef)
         self._whole = nnx.split(model) if self.vision is not None else None
         self._absorbed_prefill = absorbed_is_cheaper(cfg, self.chunk)
         parallel = model.parallel
@@ -411,6 +458,7 @@ class Engine:
                              f"(decode_buckets=({max_slots},)), got {decode_buckets!r}")
         self.decode_buckets: tuple[int, ...] = tuple(sorted({int(b) for b in decode_buckets}))
         self._every_row = split  # decode steps take rows=None: all slots, in place on each device
+        self.decode_burst = decode_burst
         self._decode_blocks = {b: key_block_for(cfg, b, 1, max_length, key_block) for b in self.decode_buckets}
         self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
@@ -437,7 +485,7 @@ class Engine:
         self._cached: list[list[int]] = [[] for _ in range(max_slots)]  # tokens each slot's cache holds
         self._pending: list[tuple[jax.Array, jax.Array, list[Request | None]]] = []
         self._next_id = 0
-        self._stats = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0}
+        self._stats = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0, "decode_steps": 0}
         self._compiled_at_start = _compilations()
         self._warm = False
 
@@ -470,7 +518,8 @@ class Engine:
             self._slots = mask_step(self._slots, self._masks, parallel=self._parallel)
             self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
             for bucket in self.decode_buckets:
-                self._slots = self._decode(list(range(bucket)))[0]
+                for burst in {1, self.decode_burst}:
+                    self._slots = self._decode(list(range(bucket)), burst)[0]
             self._prefill_chunks()  # no request: every row feeds nothing
             for program in self._media_programs.values():  # a chunk's rows from (zero) features of each bucket
                 out = program.out_info
@@ -540,8 +589,8 @@ class Engine:
             self.step()
 
     def stats(self) -> dict[str, int]:
-        """Tokens prefilled, reused from the cache and decoded; steps; compilations of the steps
-        since creation (the vision tower's programs, compiled ahead of time by :meth:`warm_up`, apart)."""
+        """Tokens prefilled, reused from the cache and decoded; scheduling steps and decode steps
+        (a burst counts each of its steps); compilations of the steps since creation (the vision tower's programs, compiled ahead of time by :meth:`warm_up`, apart)."""
         return {**self._stats, "compilations": _compilations() - self._compiled_at_start,
                 "running": len(self._running), "waiting": len(self._waiting) + len(self._prefilling),
                 "free_slots": len(self._free)}
@@ -560,7 +609,10 @@ class Engine:
         self._update_masks()
         dispatched = []
         if self._running:
-            self._slots, tokens, finished = self._decode(sorted(self._running))
+            alone = not (self._waiting or self._prefilling or constrained)  # nothing to interleave
+            burst = self.decode_burst if alone else 1
+            self._slots, tokens, finished = self._decode(sorted(self._running), burst)
+            self._stats["decode_steps"] += burst
             owners = [self._running.get(s) for s in range(self.max_slots)]
             dispatched.append((tokens, finished, owners))
         if self._prefilling:
@@ -576,17 +628,21 @@ class Engine:
             for tokens, finished, owners in pending:
                 self._collect(tokens, finished, owners)
 
-    def _decode(self, slots: list[int]):
-        """Dispatches :func:`decode_step` for ``slots`` (ascending) padded with other slots (which
-        are not decoding, so feed nothing) to the smallest decode bucket that holds them."""
+    def _decode(self, slots: list[int], burst: int):
+        """Dispatches ``burst`` decode steps (:func:`decode_step`, or :func:`decode_burst_step`)
+        for ``slots`` (ascending) padded with other slots (which are not decoding, so feed
+        nothing) to the smallest decode bucket that holds them."""
         if self._every_row:
-            return decode_step(self.graphdef, self.state, self._slots, None,
-                               key_block=self._decode_blocks[self.max_slots])
-        bucket = next(b for b in self.decode_buckets if b >= len(slots))
-        chosen = set(slots)
-        rows = slots + [s for s in range(self.max_slots) if s not in chosen][: bucket - len(slots)]
-        return decode_step(self.graphdef, self.state, self._slots, np.asarray(rows, np.int32),
-                           key_block=self._decode_blocks[bucket])
+            rows, bucket = None, self.max_slots
+        else:
+            bucket = next(b for b in self.decode_buckets if b >= len(slots))
+            chosen = set(slots)
+            rows = np.asarray(slots + [s for s in range(self.max_slots) if s not in chosen][: bucket - len(slots)],
+                              np.int32)
+        if burst == 1:
+            return decode_step(self._graph, self.state, self._slots, rows, key_block=self._decode_blocks[bucket])
+        return decode_burst_step(self._graph, self.state, self._slots, rows, key_block=self._decode_blocks[bucket],
+                                 steps=burst)
 
     def _constrained(self) -> dict[int, Request]:
         """Slot -> request for the requests with a constraint that are prefilling or running."""
@@ -664,8 +720,17 @@ class Engine:
         busy = [s for s in range(self.max_slots) if s not in self._free]
         if not busy:
             return None, 0
-        best = max(busy, key=lambda s: _common_prefix(self._cached[s], prompt))
-        return best, _common_prefix(self._cached[best], prompt)
+        shared = {s: _common_prefix(self._slot_tokens(s), prompt) for s in busy}
+        best = max(busy, key=shared.__getitem__)
+        return best, shared[best]
+
+    def _slot_tokens(self, slot: int) -> list[int]:
+        """The tokens slot ``slot``'s cache is known to hold: a running request's prompt and
+        every token fed so far (built when asked: not per decoded token), else ``_cached``."""
+        request = self._running.get(slot)
+        if request is not None and request.media is None:
+            return request.prompt_ids + request.token_ids[:-1]
+        return self._cached[slot]
 
     def _media_runs(self, grids: Sequence[Grid]) -> list[tuple[int, int, int]]:
         """Media ``grids`` split, in order, into runs of the vision tower that fit the largest
@@ -735,7 +800,7 @@ class Engine:
                     features[i] = media_rows_step(run, index, features[i], parallel=self._parallel)
         media = None if self.vision is None else (tuple(features), is_media)
         self._slots, tokens, finished = prefill_step(
-            self.graphdef, self.state, self._slots, rows, ids, media, counts, final,
+            self._graph, self.state, self._slots, rows, ids, media, counts, final,
             absorbed=self._absorbed_prefill, key_block=self._prefill_block,
         )
         owners: list[Request | None] = [None] * self.max_slots
@@ -751,21 +816,22 @@ class Engine:
         return (tokens, finished, owners) if final.any() else None
 
     def _collect(self, tokens: jax.Array, finished: jax.Array, owners: list[Request | None]) -> None:
-        """Hands a step's tokens to their requests and frees the slots of finished ones, then
-        calls the ``on_token`` callbacks (an exception in one leaves the engine consistent)."""
-        tokens, finished = to_host(tokens), to_host(finished)
+        """Hands a step's tokens ([S], or [steps, S] from a burst) to their requests and frees the
+        slots of finished ones, then calls the ``on_token`` callbacks (an exception in one leaves
+        the engine consistent)."""
+        tokens, finished = np.atleast_2d(to_host(tokens)), np.atleast_2d(to_host(finished))
         callbacks = []
-        for slot, request in enumerate(owners):
-            if request is None or request.done or tokens[slot] < 0:  # done: cancelled meanwhile
+        for row, slot in np.argwhere(tokens >= 0):  # steps in order
+            request = owners[slot]
+            if request is None or request.done:  # done: cancelled meanwhile
                 continue
-            token = int(tokens[slot])
+            token = int(tokens[row, slot])
             request.token_ids.append(token)
             self._stats["decoded_tokens"] += 1
             if request.constraint is not None:
                 request.constraint.accept(token)
-            if request.media is None:  # the cache holds the prompt and every fed token
-                self._cached[slot] = request.prompt_ids + request.token_ids[:-1]
-            if finished[slot]:
+            if finished[row, slot]:
+                self._cached[slot] = self._slot_tokens(slot)
                 request.done = True
                 request.finish_reason = "stop" if token in request.stop_ids else "length"
                 del self._running[slot]
@@ -789,6 +855,7 @@ class Engine:
                 self._free.append(job.slot)
         for slot, running in list(self._running.items()):
             if running is request:
+                self._cached[slot] = self._slot_tokens(slot)
                 self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
                 del self._running[slot]
                 self._free.append(slot)

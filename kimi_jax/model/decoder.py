@@ -45,6 +45,17 @@ leading ``layers`` axis in the weights' metadata."""
 
 
 
+IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The attention and dense-MLP projections a cached step reads from a run's stack in place."""
+
+
+def in_place_weight(path: tuple, value) -> bool:
+    """An ``nnx`` filter: the weights of :data:`IN_PLACE_PROJECTIONS` outside the routed experts
+    (the shared experts' and the dense MLPs')."""
+    names = tuple(str(p) for p in path)
+    return names[-1] in IN_PLACE_PROJECTIONS and "experts" not in names
+
+
 def per_layer(cfg: TextConfig, tree: dict) -> dict:
     """A text model's state (a pure dict of arrays or ``ShapeDtypeStruct``s) with ``runs``
     replaced by ``layers``: one entry per decoder layer, as checkpoints store them."""
@@ -107,7 +118,7 @@ class DecoderLayer(nnx.Module):
                   layer: jax.Array | None = None) -> jax.Array:
         h = x + attn
         y = rms_norm(h, self.post_attention_layernorm[...], self.eps)
-        mlp = self.mlp(y, valid, layer) if isinstance(self.mlp, MoE) else self.mlp(y)
+        mlp = self.mlp(y, valid, layer) if isinstance(self.mlp, MoE) else self.mlp(y, layer)
         if self.capture:
             self.sow(nnx.Intermediate, "input_norm", normed)
             self.sow(nnx.Intermediate, "attn_out", attn)
@@ -158,17 +169,20 @@ class TextModel(nnx.Module):
                 return nnx.merge(graphdef, state)
         raise IndexError(f"layer {i} out of range: the model has {self.cfg.num_hidden_layers} layers")
 
-    def _scan(self, run: DecoderLayer, fn: Callable, carry, *, remat: bool = False):
+    def _scan(self, run: DecoderLayer, fn: Callable, carry, *, remat: bool = False, in_place: bool = False):
         """``fn(layer, carry, i) -> (carry, y)`` over the layers of ``run`` (``i``: the layer's
         index in its run); returns the carry and the ys stacked [L, ...].
 
         A ``jax.lax.scan`` over the run's split state (each step merges its layer), so the
         model may come from any trace (e.g. merged inside ``jax.grad``). INT4 experts enter
         whole: slicing a layer out would copy it on GPUs (a dynamic slice feeding a kernel is
-        materialized), so the MoE reads its layer of the stack in place. Intermediates the
+        materialized), so the MoE reads its layer of the stack in place. With ``in_place`` (the
+        cached steps), so do the big projections (:func:`in_place_weight`), which
+        ``kimi_jax.model.layers.project`` reads by ``i``. Intermediates the
         layers sow (``capture``) come out stacked over the run's layers, sown on ``run``.
         """
-        graphdef, sliced, whole = nnx.split(run, nnx.Not(Quantized), Quantized)
+        whole_filter = nnx.Any(Quantized, in_place_weight) if in_place else Quantized
+        graphdef, sliced, whole = nnx.split(run, nnx.Not(whole_filter), whole_filter)
         count = jax.tree.leaves(sliced)[0].shape[0]
 
         def step(carry, inputs):
@@ -271,9 +285,12 @@ class TextModel(nnx.Module):
                                         valid=valid, rows=rows)
             return (constrain(x, ACTIVATION_AXES, self.parallel), run_cache), None
 
+        # One device: read the big projections in place. Split over a mesh, a kernel would see
+        # whole arrays (XLA gathers a custom call's operands), so the layers are sliced instead.
+        in_place = self.parallel is None or self.parallel.mesh.size == 1
         runs = []
         for run, run_cache in zip(self.runs, cache.runs, strict=True):
-            (x, run_cache), _ = self._scan(run, step, (x, run_cache))
+            (x, run_cache), _ = self._scan(run, step, (x, run_cache), in_place=in_place)
             runs.append(run_cache)
         last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
         lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts)

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.config.model import TextConfig, yarn_mscale
+from kimi_jax.kernels.stacked_matmul import fits as stacked_fits
+from kimi_jax.kernels.stacked_matmul import stacked_matmul
 
 
 class Buffer(nnx.Variable):
@@ -56,6 +58,38 @@ def weight(
     else:
         raise ValueError(f"unknown initializer {init!r}")
     return kind(value, axes=axes)
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, layer: jax.Array | None = None, *,
+            interpret: bool = False) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` for a projection that contracts x's last axes with w's first
+    ones, in order (``"btd,dq->btq"``, ``"...d,df->...f"``).
+
+    ``w`` may be a run's whole stack ``[L, *w's axes]`` (one more axis than ``spec`` names;
+    ``TextModel`` passes the big projections of a cached step so): layer ``layer`` of it is
+    used, read in place on NVIDIA GPUs by ``kimi_jax.kernels.stacked_matmul`` where it takes
+    the shapes (a decode step's few rows), sliced out elsewhere. ``interpret=True`` runs the
+    kernel in Pallas' interpreter on any platform (tests).
+    """
+    w_axes = spec.split("->")[0].split(",")[1]
+    if w.ndim == len(w_axes):
+        return jnp.einsum(spec, x, w)
+
+    def sliced(x, w, layer):
+        return jnp.einsum(spec, x, jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False))
+
+    n = sum(c in w_axes for c in spec.split(",")[0])  # contracted axes
+    M, K, N = math.prod(x.shape[:-n]), math.prod(x.shape[-n:]), math.prod(w.shape[1 + n:])
+    if not stacked_fits(M, K, N) or x.dtype != w.dtype:
+        return sliced(x, w, layer)
+
+    def in_place(x, w, layer):
+        y = stacked_matmul(x.reshape(M, K), w.reshape(w.shape[0], K, N), layer, interpret=interpret)
+        return y.reshape(*x.shape[:-n], *w.shape[1 + n:])
+
+    if interpret:
+        return in_place(x, w, layer)
+    return jax.lax.platform_dependent(x, w, layer, cuda=in_place, default=sliced)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

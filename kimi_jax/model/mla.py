@@ -29,7 +29,7 @@ from kimi_jax.config.model import QK_NORM_EPS, TextConfig
 from kimi_jax.kernels.mla_decode import fits as mla_decode_fits
 from kimi_jax.kernels.mla_decode import mla_decode
 from kimi_jax.model.cache import LayerCache
-from kimi_jax.model.layers import apply_rope, rms_norm, weight
+from kimi_jax.model.layers import apply_rope, project, rms_norm, weight
 
 
 class MLA(nnx.Module):
@@ -52,14 +52,16 @@ class MLA(nnx.Module):
         )
         self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head", "embed"), dtype)
 
-    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-head queries: nope part [B, T, N, H] and roped part [B, T, N, R]."""
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Per-head queries: nope part [B, T, N, H] and roped part [B, T, N, R] (``layer``: see
+        :func:`~kimi_jax.model.layers.project`)."""
         if self.cfg.q_lora_rank is None:
-            q = jnp.einsum("btd,dnk->btnk", x, self.q_proj[...])
+            q = project("btd,dnk->btnk", x, self.q_proj[...], layer)
         else:
-            qa = jnp.einsum("btd,dq->btq", x, self.q_a_proj[...])
+            qa = project("btd,dq->btq", x, self.q_a_proj[...], layer)
             qa = rms_norm(qa, self.q_a_layernorm[...], QK_NORM_EPS)
-            q = jnp.einsum("btq,qnk->btnk", qa, self.q_b_proj[...])
+            q = project("btq,qnk->btnk", qa, self.q_b_proj[...], layer)
         H = self.cfg.qk_nope_head_dim
         return q[..., :H], apply_rope(q[..., H:], cos[:, :, None], sin[:, :, None])
 
@@ -70,13 +72,13 @@ class MLA(nnx.Module):
         c_kv = rms_norm(kv[..., :C], self.kv_a_layernorm[...], QK_NORM_EPS)
         return c_kv, apply_rope(kv[..., C:], cos, sin)
 
-    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, layer=None) -> jax.Array:
         """Attention with per-head keys/values expanded from the latent. Returns [B, T, D]."""
-        return self._attend(q_nope, q_pe, c_kv, k_pe, mask, absorbed=False)
+        return self._attend(q_nope, q_pe, c_kv, k_pe, mask, absorbed=False, layer=layer)
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, layer=None) -> jax.Array:
         """Attention over the latent itself (keys/values never expanded). Returns [B, T, D]."""
-        return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True)
+        return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True, layer=layer)
 
     def attend_cache(
         self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
@@ -114,16 +116,17 @@ class MLA(nnx.Module):
         n_blocks = jnp.minimum(jnp.max(positions) // block + 1, -(-S // block))
         _, total, acc = jax.lax.fori_loop(0, n_blocks, visit, init)
         total = total.transpose(0, 2, 1)[..., None]
-        return self._project(jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0).astype(dtype), absorbed)
+        out = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0).astype(dtype)
+        return self._project(out, absorbed, layer)
 
     def _absorb(self, q_nope: jax.Array) -> jax.Array:
         """``q_nope`` [B, T, N, H] folded through ``kv_b_proj``'s key half: [B, T, N, C]."""
         return jnp.einsum("btnh,cnh->btnc", q_nope, self.kv_b_proj[..., : self.cfg.qk_nope_head_dim])
 
-    def _attend(self, q, q_pe, c_kv, k_pe, mask, *, absorbed: bool) -> jax.Array:
+    def _attend(self, q, q_pe, c_kv, k_pe, mask, *, absorbed: bool, layer=None) -> jax.Array:
         scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
         probs = self._softmax(scores, mask)
-        return self._project(self._weigh(probs, values, absorbed).astype(c_kv.dtype), absorbed)
+        return self._project(self._weigh(probs, values, absorbed).astype(c_kv.dtype), absorbed, layer)
 
     def _scores_and_values(self, q, q_pe, c_kv, k_pe, absorbed: bool) -> tuple[jax.Array, jax.Array]:
         """Unscaled scores [B, N, T, S] (float32) and the values.
@@ -151,11 +154,12 @@ class MLA(nnx.Module):
             return out.transpose(0, 2, 1, 3)
         return jnp.einsum("bnts,bsnv->btnv", probs, values, preferred_element_type=jnp.float32)
 
-    def _project(self, out: jax.Array, absorbed: bool) -> jax.Array:
-        """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then ``o_proj``."""
+    def _project(self, out: jax.Array, absorbed: bool, layer: jax.Array | None = None) -> jax.Array:
+        """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then
+        ``o_proj`` (``layer``: see :func:`~kimi_jax.model.layers.project`)."""
         if absorbed:
             out = jnp.einsum("btnc,cnv->btnv", out, self.kv_b_proj[..., self.cfg.qk_nope_head_dim :])
-        return jnp.einsum("btnv,nvd->btd", out, self.o_proj[...])
+        return project("btnv,nvd->btd", out, self.o_proj[...], layer)
 
     def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
         """Scaled, masked softmax in float32; ``mask`` [B, T, S] is True where a key is visible.
@@ -188,7 +192,7 @@ class MLA(nnx.Module):
         cache has at most ``key_block`` slots, else block by block (:meth:`attend_cache`).
         Returns [B, T, D] and the updated cache.
         """
-        q_nope, q_pe = self.queries(x, cos, sin)
+        q_nope, q_pe = self.queries(x, cos, sin, layer)
         cache = cache.write(layer, positions, *self.latents(x, cos, sin), rows=rows)
         if valid is not None:
             positions = jnp.where(valid, positions, -1)
@@ -207,7 +211,7 @@ class MLA(nnx.Module):
         ``kimi_jax.kernels.mla_decode`` (each visible slot read once, straight from the stacked cache): [B, T, D]."""
         out = mla_decode(self._absorb(q_nope), q_pe, cache.c_kv, cache.k_pe, layer, positions, rows=rows,
                          scale=self.cfg.softmax_scale, interpret=interpret)
-        return self._project(out.astype(q_pe.dtype), absorbed=True)
+        return self._project(out.astype(q_pe.dtype), True, layer)
 
     def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, rows=None, *, absorbed: bool,
                           key_block: int) -> jax.Array:
@@ -218,7 +222,7 @@ class MLA(nnx.Module):
         mask = jnp.arange(S) <= positions[..., None]
         attend = self.attend_absorbed if absorbed else self.attend_expanded
         c_kv, k_pe = cache.layer(layer, rows)
-        return attend(q_nope, q_pe, c_kv.astype(q_pe.dtype), k_pe.astype(q_pe.dtype), mask)
+        return attend(q_nope, q_pe, c_kv.astype(q_pe.dtype), k_pe.astype(q_pe.dtype), mask, layer)
 
 
 def absorbed_is_cheaper(cfg: TextConfig, num_queries: int) -> bool:

@@ -44,7 +44,7 @@ from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
-from kimi_jax.model.layers import Buffer, Quantized, weight
+from kimi_jax.model.layers import Buffer, Quantized, project, weight
 from kimi_jax.parallel.expert import expert_parallel_moe
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
@@ -72,9 +72,11 @@ class MLP(nnx.Module):
         self.up_proj = weight(rngs, (d_model, d_hidden), ("embed", "mlp"), dtype)
         self.down_proj = weight(rngs, (d_hidden, d_model), ("mlp", "embed"), dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
-        return h @ self.down_proj[...]
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """``layer``: see :func:`~kimi_jax.model.layers.project` (weights passed as a run's stack)."""
+        gate = project("...d,df->...f", x, self.gate_proj[...], layer)
+        h = jax.nn.silu(gate) * project("...d,df->...f", x, self.up_proj[...], layer)
+        return project("...f,fd->...d", h, self.down_proj[...], layer)
 
 
 class Router(nnx.Module):
@@ -411,7 +413,7 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "router_idx", idx)
             self.sow(nnx.Intermediate, "router_weights", weights)
         stacked = isinstance(self.experts, Int4Experts) and self.experts.gate_proj.q.ndim == 4
-        layer = layer if stacked else None
+        shared_layer, layer = layer, layer if stacked else None
         if self.impl == "reference":
             per_expert = experts_reference(self.experts, tokens, idx, layer)
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
@@ -424,7 +426,7 @@ class MoE(nnx.Module):
                 per_expert = experts_grouped(self.experts, tokens, idx, int4_kernel(self.impl), layer)  # 0 past groups
                 routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared_experts is not None:
-            routed = routed + self.shared_experts(tokens)
+            routed = routed + self.shared_experts(tokens, shared_layer)
         return routed.reshape(shape)
 
     def _expert_parallel(self, tokens, idx, weights, mesh, layout, layer) -> jax.Array:

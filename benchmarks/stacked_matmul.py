@@ -1,0 +1,64 @@
+"""One layer's projection out of a stack of weights at K2.5 sizes: the in-place kernel against XLA.
+
+For each projection a cached decode step reads from a run's stack (q down / up, o_proj, the
+shared expert's gate / up / down) and a few row counts: ms of
+``kimi_jax.kernels.stacked_matmul`` and of XLA's ``x @ w[layer]`` (the slice, then the
+dot), each against the floor of reading the layer's weights once at the measured copy
+bandwidth, and the kernel's largest error relative to the reference.
+
+    PYTHONPATH=. python benchmarks/stacked_matmul.py [--rows 1 8 64] [--layers 3]
+
+Rows are printed and appended to ``benchmarks/results/stacked_matmul.jsonl`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+
+from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
+
+# (name, K, N) of K2.5's projections as the kernel sees them (o_proj: heads x v_head inputs)
+SHAPES = [("q_a_proj", 7168, 1536), ("q_b_proj", 1536, 64 * 192), ("o_proj", 64 * 128, 7168),
+          ("shared gate / up", 7168, 2048), ("shared down", 2048, 7168)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--layers", type=int, default=3, help="layers in the stack")
+    parser.add_argument("--out", default=str(RESULTS / "stacked_matmul.jsonl"))
+    args = parser.parse_args()
+
+    bw = copy_bandwidth()
+    print(f"{device_name()}, jax {jax.__version__}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    kernel = jax.jit(stacked_matmul)
+    xla = jax.jit(lambda x, w, layer: x @ w[layer])
+    print("| projection | rows | kernel ms | kernel / floor | XLA ms | XLA / floor | max rel. error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, K, N in SHAPES:
+        w = jax.random.normal(jax.random.key(K + N), (args.layers, K, N), jnp.bfloat16) * 0.02
+        floor = K * N * 2 / bw
+        for M in args.rows:
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            layer = jnp.int32(args.layers - 1)
+            ref = np.asarray(stacked_matmul_reference(x, w, layer), np.float32)
+            out = np.asarray(kernel(x, w, layer), np.float32)
+            error = float(np.abs(out - ref).max() / np.abs(ref).max())
+            ms_kernel, ms_xla = (1e3 * median_seconds(f, x, w, layer) for f in (kernel, xla))
+            row = record(args.out, bench="stacked_matmul", projection=name, rows=M, K=K, N=N,
+                         kernel_ms=round(ms_kernel, 4), xla_ms=round(ms_xla, 4), floor_ms=round(floor * 1e3, 4),
+                         kernel_floor_ratio=round(floor * 1e3 / ms_kernel, 3),
+                         xla_floor_ratio=round(floor * 1e3 / ms_xla, 3), max_rel_error=error,
+                         bandwidth_tb_s=round(bw / 1e12, 3))
+            print(f"| {name} | {M} | {ms_kernel:.4f} | {row['kernel_floor_ratio']:.0%} | {ms_xla:.4f} | "
+                  f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
+        del w
+
+
+if __name__ == "__main__":
+    main()

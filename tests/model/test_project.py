@@ -1,0 +1,30 @@
+"""``kimi_jax.model.layers.project``: a projection whose weight may come as a run's whole stack."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.model.layers import project
+
+# The projections a cached step reads in place: q down / up, o_proj (two contracted axes), an MLP's.
+SPECS = [
+    ("btd,dq->btq", (2, 1, 64), (64, 32)),
+    ("btq,qnk->btnk", (2, 1, 32), (32, 2, 16)),
+    ("btnv,nvd->btd", (3, 1, 2, 16), (2, 16, 64)),
+    ("...d,df->...f", (5, 64), (64, 32)),
+]
+
+
+def _draw(seed, *shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", SPECS)
+def test_a_stack_gives_its_layer(spec, x_shape, w_shape):
+    x, stack = _draw(0, *x_shape), _draw(1, 3, *w_shape)
+    np.testing.assert_array_equal(np.asarray(project(spec, x, stack[1])), np.asarray(jnp.einsum(spec, x, stack[1])))
+    want = jnp.einsum(spec, x, stack[2])
+    np.testing.assert_array_equal(np.asarray(project(spec, x, stack, jnp.int32(2))), np.asarray(want))
+    # the in-place kernel's path (what NVIDIA GPUs run), in Pallas' interpreter
+    got = project(spec, x, stack, jnp.int32(2), interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -91,6 +91,11 @@ def sweep_configs(m):
         for bn, bk, w, st in ((64, 256, 4, 4), (32, 256, 4, 4), (128, 256, 4, 3), (64, 512, 4, 3), (128, 512, 8, 3),
                               (64, 1024, 4, 2), (256, 256, 8, 3)):
             yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True)
+        if m <= 64:  # decode: split-K shares each tile's k-blocks among more programs
+            for bn, bk, w, st in ((64, 512, 4, 3), (64, 256, 4, 4), (128, 256, 4, 3)):
+                for splits in (2, 4, 8):
+                    yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True,
+                                    splits=splits)
     else:
         for bm, bn, bk, w, st in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)):
             yield ig.Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -160,7 +165,8 @@ def main():
                             continue
                         results.append((sec, cfg))
                         print(f"  sweep {proj} m={m} {lname} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
-                              f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes}: {sec * 1e3:.3f} ms", flush=True)
+                              f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes} splits={cfg.splits}: "
+                              f"{sec * 1e3:.3f} ms", flush=True)
                     if results:
                         sec, cfg = min(results, key=lambda r: r[0])
                         best[(proj, m, lname)] = cfg

@@ -188,31 +188,30 @@ def _merge(graphdef: nnx.GraphDef | Hashed, state: nnx.State):
     return nnx.merge(graphdef.value if isinstance(graphdef, Hashed) else graphdef, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "key_block"), donate_argnames="slots")
-def decode_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array | None, *,
-                key_block: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "key_block", "burst"), donate_argnames="slots")
+def decode_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array | None,
+                steps: jax.Array | None = None, *, key_block: int, burst: int = 1):
     """One token for each active slot among ``rows`` [n] (distinct slots; None: all): fed,
     attended, sampled. The other slots are not computed, nor their caches read: a step costs
     what its ``n`` rows do (one program per ``n``, see ``Engine(decode_buckets=)``).
-    Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing."""
+    Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing.
+
+    With ``burst`` > 1 the program runs ``steps`` (int32, 1 to ``burst``) such steps back to
+    back, with no host work between tokens, and returns tokens and finished [burst, S] (-1 /
+    False past ``steps``; a slot whose request ends emits nothing in the later steps): one
+    program serves every step count."""
     model = _merge(graphdef, state)
-    return _decode(model, slots, rows, key_block)
+    if burst == 1:
+        return _decode(model, slots, rows, key_block)
 
+    def one(i, carry):
+        slots, tokens, finished = carry
+        slots, t, f = _decode(model, slots, rows, key_block)
+        return slots, tokens.at[i].set(t), finished.at[i].set(f)
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "key_block", "steps"), donate_argnames="slots")
-def decode_burst_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState,
-                      rows: jax.Array | None, *, key_block: int, steps: int):
-    """``steps`` consecutive :func:`decode_step` s in one program (the device runs them back to
-    back, with no host work between tokens): tokens and finished [steps, S]. A slot whose
-    request ends at one of them emits nothing in the later ones."""
-    model = _merge(graphdef, state)
-
-    def one(slots, _):
-        slots, tokens, finished = _decode(model, slots, rows, key_block)
-        return slots, (tokens, finished)
-
-    slots, (tokens, finished) = jax.lax.scan(one, slots, length=steps)
-    return slots, tokens, finished
+    S = slots.active.shape[0]
+    init = (slots, jnp.full((burst, S), -1, jnp.int32), jnp.zeros((burst, S), bool))
+    return jax.lax.fori_loop(0, jnp.clip(steps, 1, burst), one, init)
 
 
 def _decode(model, slots: SlotState, rows: jax.Array | None, key_block: int):
@@ -335,14 +334,15 @@ def default_media_buckets(vision: VisionConfig, max_length: int) -> tuple[int, .
     return tuple(1 << k for k in range(min(8, top.bit_length() - 1), top.bit_length()))
 
 
-_STEPS = (decode_step, decode_burst_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
+_STEPS = (decode_step, prefill_step, admit_step, deactivate_step, copy_slot_step, mask_step, key_data_step,
           media_rows_step)
 
 
 def default_decode_buckets(max_slots: int) -> tuple[int, ...]:
-    """Powers of 4 below ``max_slots``, and ``max_slots``: a decode step computes at most 4x
-    the rows it needs (64 slots: 1, 4, 16, 64)."""
-    return tuple(4**k for k in range(max_slots.bit_length()) if 4**k < max_slots) + (max_slots,)
+    """Powers of 8 below ``max_slots``, and ``max_slots`` (64 slots: 1, 8, 64): a decode step
+    computes at most 8x the rows it needs. Padding rows read no cache and no expert, so they
+    cost little beyond their share of the dense matmuls; below 8 slots one bucket serves."""
+    return tuple(8**k for k in range(max_slots.bit_length()) if 8**k < max_slots and max_slots >= 8) + (max_slots,)
 
 
 def _compilations() -> int:
@@ -518,8 +518,7 @@ class Engine:
             self._slots = mask_step(self._slots, self._masks, parallel=self._parallel)
             self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
             for bucket in self.decode_buckets:
-                for burst in {1, self.decode_burst}:
-                    self._slots = self._decode(list(range(bucket)), burst)[0]
+                self._slots = self._decode(list(range(bucket)), 1)[0]
             self._prefill_chunks()  # no request: every row feeds nothing
             for program in self._media_programs.values():  # a chunk's rows from (zero) features of each bucket
                 out = program.out_info
@@ -628,10 +627,10 @@ class Engine:
             for tokens, finished, owners in pending:
                 self._collect(tokens, finished, owners)
 
-    def _decode(self, slots: list[int], burst: int):
-        """Dispatches ``burst`` decode steps (:func:`decode_step`, or :func:`decode_burst_step`)
-        for ``slots`` (ascending) padded with other slots (which are not decoding, so feed
-        nothing) to the smallest decode bucket that holds them."""
+    def _decode(self, slots: list[int], steps: int):
+        """Dispatches ``steps`` decode steps (:func:`decode_step`, the engine's one program per
+        bucket) for ``slots`` (ascending) padded with other slots (which are not decoding, so
+        feed nothing) to the smallest decode bucket that holds them."""
         if self._every_row:
             rows, bucket = None, self.max_slots
         else:
@@ -639,10 +638,8 @@ class Engine:
             chosen = set(slots)
             rows = np.asarray(slots + [s for s in range(self.max_slots) if s not in chosen][: bucket - len(slots)],
                               np.int32)
-        if burst == 1:
-            return decode_step(self._graph, self.state, self._slots, rows, key_block=self._decode_blocks[bucket])
-        return decode_burst_step(self._graph, self.state, self._slots, rows, key_block=self._decode_blocks[bucket],
-                                 steps=burst)
+        return decode_step(self._graph, self.state, self._slots, rows, np.int32(steps),
+                           key_block=self._decode_blocks[bucket], burst=self.decode_burst)
 
     def _constrained(self) -> dict[int, Request]:
         """Slot -> request for the requests with a constraint that are prefilling or running."""

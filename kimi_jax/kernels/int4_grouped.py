@@ -34,6 +34,17 @@ expert's output dimension fills the matrix unit's M side). The out-tile axis is 
 one of the grid, so the programs that share a row tile of x run together and reuse it from
 L2, and for prefill the few row tiles of one expert read its weights close in time.
 
+Split-K (``Config.splits``, default 1: off). With few rows the grid is small (decode's 8 rows
+over 8 experts, 2048 outputs in 64-wide tiles: 256 working programs for 132 SMs, each streaming
+the whole ``in`` range), too few programs per SM to keep HBM busy. With ``splits = S > 1`` a
+third grid axis shares each tile's n_k = in / block_k k-blocks among S programs (contiguous
+ranges of ``ceil(n_k / S)`` blocks; the last ones may be short or empty): S times the programs
+for the same weight bytes, each read once. The price: every program stores a float32 partial
+into a ``[S, M, out]`` buffer (``S * M * out * 4`` bytes written, then read back), and a sum
+over S with the cast to x's dtype runs after the kernel in XLA; the float32 accumulation order
+changes with S. Only worth it for few rows, so it is opt-in:
+``config=decode_split_config(m, e, n, k, splits)``.
+
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
 ``jnp.int4``: the Triton lowering computes element offsets in 32 bits, and a K2.5 expert
@@ -124,6 +135,7 @@ class Config:
     num_stages: int = 4
     swap: bool = True  # accumulate W @ x.T ([block_n, block_m]) instead of x @ W.T
     planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
+    splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -148,6 +160,11 @@ def default_config(m: int, e: int, n: int, k: int) -> Config:
     return fit_config(cfg, n, k)
 
 
+def decode_split_config(m: int, e: int, n: int, k: int, splits: int) -> Config:
+    """``default_config`` with split-K over ``splits`` programs (clamped to [1, in / block_k])."""
+    return fit_config(dataclasses.replace(default_config(m, e, n, k), splits=splits), n, k)
+
+
 def _pow2_divisor(n: int, target: int, minimum: int) -> int:
     b = target
     while b > minimum and n % b:
@@ -159,10 +176,12 @@ def _pow2_divisor(n: int, target: int, minimum: int) -> int:
 
 def fit_config(cfg: Config, n: int, k: int) -> Config:
     """Shrink block_n / block_k to powers of two dividing ``out`` / ``in`` (planes need k-blocks
-    of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes)."""
+    of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes), and
+    clamp ``splits`` to [1, in / block_k] (at most one k-block per program)."""
     block_k = _pow2_divisor(k, cfg.block_k, GROUP)
     return dataclasses.replace(
         cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k, planes=cfg.planes and block_k >= 128,
+        splits=max(1, min(int(cfg.splits), k // block_k)),
     )
 
 
@@ -267,6 +286,15 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
     n0 = pl.multiple_of(j * bn, bn)
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     dtype = x_ref.dtype
+    if cfg.splits == 1:
+        kb0, kb1 = 0, n_k
+        out = o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
+    else:  # split-K: k-blocks [s * per, min((s + 1) * per, n_k)) into float32 partials[s] (may be empty: zeros)
+        s = pl.program_id(2)
+        per = -(-n_k // cfg.splits)
+        kb0 = s * per
+        kb1 = jnp.minimum(kb0 + per, n_k)
+        out = o_ref.at[s, pl.ds(row0, bm), pl.ds(n0, bn)]
 
     @pl.when(expert >= 0)
     def _():
@@ -288,14 +316,13 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
             return acc + d
 
         shape = (bn, bm) if cfg.swap else (bm, bn)
-        acc = lax.fori_loop(0, n_k, body, jnp.zeros(shape, jnp.float32))
+        acc = lax.fori_loop(kb0, kb1, body, jnp.zeros(shape, jnp.float32))
         y = (acc.T if cfg.swap else acc).astype(o_ref.dtype)
-        plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], y, mask=jnp.broadcast_to(rows < row1, (bm, bn)))
+        plgpu.store(out, y, mask=jnp.broadcast_to(rows < row1, (bm, bn)))
 
     @pl.when(expert == -1)
     def _():
-        plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], jnp.zeros((bm, bn), o_ref.dtype),
-                    mask=jnp.broadcast_to(rows < row1, (bm, bn)))
+        plgpu.store(out, jnp.zeros((bm, bn), o_ref.dtype), mask=jnp.broadcast_to(rows < row1, (bm, bn)))
 
 
 def int4_grouped_matmul(
@@ -338,6 +365,8 @@ def int4_grouped_matmul(
         if size >= 2**31:
             raise ValueError(f"int4_grouped_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
+    if cfg.splits * m * n >= 2**31:
+        raise ValueError(f"int4_grouped_matmul: {cfg.splits} split-K partials of [{m}, {n}] exceed 2^31 - 1 elements")
     return _call(x, q, scales, group_sizes, base, cfg=cfg, interpret=interpret)
 
 
@@ -353,14 +382,24 @@ def _call(x, q, scales, group_sizes, base, *, cfg: Config, interpret: bool):
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return pl.pallas_call(
+    if cfg.splits == 1:
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+            grid=(n // cfg.block_n, t_max),
+            interpret=interpret,
+            compiler_params=compiler_params,
+            name="int4_grouped_matmul",
+        )(group_sizes.astype(jnp.int32), base, x, qv, scales)
+    partials = pl.pallas_call(  # split-K: float32 [splits, M, N], summed after the kernel
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(n // cfg.block_n, t_max),
+        out_shape=jax.ShapeDtypeStruct((cfg.splits, m, n), jnp.float32),
+        grid=(n // cfg.block_n, t_max, cfg.splits),
         interpret=interpret,
         compiler_params=compiler_params,
-        name="int4_grouped_matmul",
+        name="int4_grouped_matmul_splitk",
     )(group_sizes.astype(jnp.int32), base, x, qv, scales)
+    return partials.sum(0).astype(x.dtype)
 
 
 def expert_bytes(q: jax.Array, scales: jax.Array, group_sizes: Any) -> int:

@@ -50,9 +50,10 @@ def solo(model, prompts):
     return out
 
 
-@pytest.mark.parametrize("buckets", [None, (3,), (1, 2, 3)])
+@pytest.mark.parametrize("buckets", [None, (1, 2, 3), (1, 3)])
 def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo, buckets):
-    """Whatever decode bucket computes a request's step (default (1, 3); every slot; one per count)."""
+    """Whatever decode bucket computes a request's step (default: every slot; one bucket per count;
+    one for a single row)."""
     eng = engine(model, decode_buckets=buckets)
     requests = []
     for step, prompt in enumerate(prompts):  # one new request per step, more requests than slots
@@ -65,6 +66,22 @@ def test_requests_admitted_at_different_steps_equal_solo(model, prompts, solo, b
     stats = eng.stats()
     assert stats["free_slots"] == 3 and stats["running"] == 0
     assert stats["decoded_tokens"] == NEW * len(prompts)
+
+
+@pytest.mark.parametrize("burst", [1, 3])
+def test_decode_bursts_equal_single_steps(model, prompts, solo, burst):
+    """Decode steps run in bursts (nothing else scheduled) give the solo tokens and end where a
+    stop id or the budget says, mid-burst too."""
+    eng = engine(model, decode_burst=burst)
+    stop = solo[0][3]
+    first = eng.submit(prompts[0], max_new_tokens=NEW, stop_ids=[stop])
+    second = eng.submit(prompts[1], max_new_tokens=5)
+    eng.run()
+    assert first.token_ids == solo[0][: solo[0].index(stop) + 1] and first.finish_reason == "stop"
+    assert second.token_ids == solo[1][:5] and second.finish_reason == "length"
+    stats = eng.stats()
+    assert stats["decoded_tokens"] == len(first.token_ids) + 5 and stats["free_slots"] == 3
+    assert stats["decode_steps"] > stats["steps"] - 2 if burst > 1 else stats["decode_steps"] <= stats["steps"]
 
 
 @pytest.mark.parametrize("buckets, match", [((2,), "the largest max_slots"), ((0, 3), "ints in"), ((), "ints in"),

@@ -1,6 +1,8 @@
 """The fused INT4 grouped matmul in Pallas' interpreter against the reference path
 (``int4_ragged_dot``: dequantize, then ``jax.lax.ragged_dot``)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +16,11 @@ E, N, K = 6, 48, 128
 SMALL = ig.Config(block_m=16, block_n=16, block_k=64)
 
 
-def _inputs(seed, m, dtype):
+def _inputs(seed, m, dtype, k=K):
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((m, K)), dtype)
-    q = pack_words(jnp.asarray(rng.integers(-8, 8, (E, N, K)), jnp.int4))
-    scales = jnp.asarray(rng.uniform(0.005, 0.05, (E, N, K // ig.GROUP)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    q = pack_words(jnp.asarray(rng.integers(-8, 8, (E, N, k)), jnp.int4))
+    scales = jnp.asarray(rng.uniform(0.005, 0.05, (E, N, k // ig.GROUP)), jnp.bfloat16)
     return x, q, scales
 
 
@@ -152,3 +154,55 @@ def test_a_layer_of_a_stack_is_read_in_place(cfg):
     stack_q, stack_s = jnp.stack([q, q, q]), jnp.stack([poison, poison, scales])
     y = ig.int4_grouped_matmul(x, stack_q, stack_s, gs, config=cfg, interpret=True, layer=jnp.int32(2))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+# Split-K: (config, in, expected splits after fit_config). Each k range is [s * per, min((s + 1) * per, n_k)),
+# per = ceil(n_k / splits): even ranges, uneven ones, an empty last one, and more splits than k-blocks (clamped).
+SPLITS = [
+    (ig.Config(block_m=16, block_n=16, block_k=64, splits=2), 256, 2),  # n_k 4: 2 + 2
+    (ig.Config(block_m=16, block_n=16, block_k=64, splits=3), 256, 3),  # n_k 4: 2 + 2 + 0 (empty)
+    (ig.Config(block_m=16, block_n=16, block_k=64, splits=9), 128, 2),  # n_k 2: clamped to 2
+    (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=2), 384, 2),  # n_k 3: 2 + 1
+    (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=3), 512, 3),  # n_k 4: 2 + 2 + 0 (empty)
+    (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=5), 256, 2),  # n_k 2: clamped to 2
+]
+
+
+@pytest.mark.parametrize(("cfg", "k", "splits"), SPLITS)
+def test_split_k_matches_reference(cfg, k, splits):
+    """Partial sums over k ranges, then their sum: the reference up to float32 order, with empty
+    experts (never read) and the rows past the sum zeros."""
+    groups = [3, 0, 17, 0, 5, 0] if cfg.planes else [0, 4, 0, 0, 19, 6]
+    m = 37
+    x, q, scales = _inputs(k + cfg.splits, m, jnp.float32, k)
+    gs = jnp.asarray(groups, jnp.int32)
+    assert ig.fit_config(cfg, N, k).splits == splits
+    ref = int4_ragged_dot(x, q, scales, gs)
+    y = ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True)
+    assert y.shape == (m, N) and y.dtype == jnp.float32
+    assert _rel(y, ref) < 1e-5
+    np.testing.assert_array_equal(np.asarray(y)[sum(groups):], 0.0)  # rows past the sum
+
+
+def test_split_k_bfloat16_and_a_layer_of_a_stack():
+    """bf16 x (float32 partials, one cast after their sum) and ``layer=``'s stacked experts."""
+    groups = [7, 0, 20, 0, 2, 12]
+    k = 384
+    x, q, scales = _inputs(11, 50, jnp.bfloat16, k)
+    gs = jnp.asarray(groups, jnp.int32)
+    cfg = ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=2)
+    poison = jnp.full_like(scales, jnp.nan)
+    stack_q, stack_s = jnp.stack([q, q]), jnp.stack([poison, scales])
+    y = ig.int4_grouped_matmul(x, stack_q, stack_s, gs, config=cfg, interpret=True, layer=jnp.int32(1))
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, int4_ragged_dot(x, q, scales, gs)) < 1e-2
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32))[sum(groups):], 0.0)
+
+
+def test_split_k_config():
+    assert ig.fit_config(ig.Config(block_k=64, splits=0), 48, 256).splits == 1
+    assert ig.fit_config(ig.Config(block_k=256, splits=4), 48, 96).splits == 3  # block_k 32: 3 k-blocks
+    assert ig.Config().splits == 1 and ig.default_config(8, 384, 2048, 7168).splits == 1
+    cfg = ig.decode_split_config(8, 384, 2048, 7168, 4)
+    assert cfg == dataclasses.replace(ig.default_config(8, 384, 2048, 7168), splits=4)
+    assert ig.decode_split_config(8, 384, 2048, 7168, 1000).splits == 7168 // cfg.block_k

@@ -589,7 +589,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Tokens prefilled, reused from the cache and decoded; scheduling steps and decode steps
-        (a burst counts each of its steps); compilations of the steps since creation (the vision tower's programs, compiled ahead of time by :meth:`warm_up`, apart)."""
+        (a burst counts each of its steps); compilations of the steps since creation (the
+        vision tower's programs, compiled ahead of time by :meth:`warm_up`, apart)."""
         return {**self._stats, "compilations": _compilations() - self._compiled_at_start,
                 "running": len(self._running), "waiting": len(self._waiting) + len(self._prefilling),
                 "free_slots": len(self._free)}

@@ -26,7 +26,7 @@ streaming the weights: the default ``splits`` (:func:`auto_splits`) makes about 
 per SM. float32 inputs use ``Precision.HIGHEST`` dots, bf16 the default precision.
 
 Limits: 1 <= M <= 64 (:func:`fits`); ``block_n`` and ``block_k`` powers of two >= 16 dividing
-N and K (defaults: the largest such up to 128 and 256). x and the partials are held below 2^31
+N and K (defaults: the largest such up to 128 and 128). x and the partials are held below 2^31
 elements as in the other kernels; the stack may be larger: the Triton lowering takes 64-bit
 element offsets for an operand over 4 GiB, and a bf16 / float32 operand below that has
 fewer than 2^31 elements.
@@ -48,7 +48,9 @@ except ImportError:  # pragma: no cover
 
 NUM_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 MAX_ROWS = 64  # most rows of x: one [Mp, block_n] float32 accumulator per program
-BLOCK_N, BLOCK_K = 128, 256  # default (largest) output columns and inputs per block
+# Default (largest) output columns and inputs per block: with 3 stages the pipelined tiles take at most
+# 3 x (128 x 128 weights + 64 x 128 rows) x 2 bytes = 144 KB of shared memory (227 KB on an H100 / H200).
+BLOCK_N, BLOCK_K = 128, 128
 NUM_WARPS, NUM_STAGES = 4, 3
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -122,7 +124,7 @@ def stacked_matmul(x, w, layer, *, interpret: bool = False, block_n: int | None 
     traced, clamped to [0, L)) in place: [M, N] in x's dtype, float32 accumulation.
 
     ``block_n`` output columns and ``block_k`` inputs per block (default: the largest powers of
-    two up to 128 and 256 dividing N and K); ``splits`` programs share each column block's K
+    two up to 128 dividing N and K); ``splits`` programs share each column block's K
     blocks (default :func:`auto_splits`); ``num_warps`` (4) and ``num_stages`` (3) are
     Triton's. ``interpret=True`` runs the kernel body in Pallas' interpreter (CPU tests).
     """

@@ -91,6 +91,12 @@ def test_bad_decode_buckets(model, buckets, match):
         engine(model, decode_buckets=buckets)
 
 
+@pytest.mark.parametrize("burst", [0, 2.5])
+def test_bad_decode_burst(model, burst):
+    with pytest.raises(ValueError, match="decode_burst must be a positive int"):
+        engine(model, decode_burst=burst)
+
+
 @pytest.mark.mesh
 def test_split_slots_decode_every_slot(model):
     sharded = kimi_jax.parallel.shard_model(model, "data=2,expert=2,tensor=2")

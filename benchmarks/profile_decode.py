@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
+import re
 import tempfile
 import time
 
@@ -34,13 +36,15 @@ from kimi_jax.inference.engine import Engine
 from kimi_jax.testing.models import random_model
 
 
-def kernel_table(trace_dir: str, steps: int) -> tuple[list[tuple[str, int, float]], float, float]:
+def kernel_table(trace_dir: str, steps: int) -> tuple[list[tuple[str, int, float]], float, float, dict]:
     """Kernels of the trace in ``trace_dir``: (name, launches per step, us per step) by time,
-    the device's busy us per step and the us from its first kernel start to its last end per step."""
+    the device's busy us per step, the us from its first kernel start to its last end per step,
+    and the idle time between consecutive kernels per step by gap size (launch gaps under 3 us,
+    3-20 us, longer: a device waiting on the host) with the device-to-host copies per step."""
     [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     data = _profile_data.ProfileData.from_file(path)
     total, count = collections.Counter(), collections.Counter()
-    starts, ends, busy = [], [], 0.0
+    spans, busy, d2h = [], 0.0, 0
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -51,11 +55,24 @@ def kernel_table(trace_dir: str, steps: int) -> tuple[list[tuple[str, int, float
                 total[event.name] += event.duration_ns / 1e3
                 count[event.name] += 1
                 busy += event.duration_ns / 1e3
-                starts.append(event.start_ns)
-                ends.append(event.end_ns)
+                spans.append((event.start_ns, event.end_ns))
+                d2h += bool(re.search(r"(?i)d2h|dtoh|device ?to ?host", event.name))
     rows = [(name, count[name] / steps, us / steps) for name, us in total.most_common()]
-    span = (max(ends) - min(starts)) / 1e3 / steps if starts else 0.0
-    return rows, busy / steps, span
+    spans.sort()
+    span = (spans[-1][1] - spans[0][0]) / 1e3 / steps if spans else 0.0
+    gaps = {"under_3us": [0, 0.0], "3_20us": [0, 0.0], "over_20us": [0, 0.0]}
+    end = spans[0][1] if spans else 0
+    for start, stop in spans[1:]:
+        gap = (start - end) / 1e3
+        if gap > 0:
+            key = "under_3us" if gap < 3 else "3_20us" if gap < 20 else "over_20us"
+            gaps[key][0] += 1
+            gaps[key][1] += gap
+        end = max(end, stop)
+    idle = {f"{key}_count": round(n / steps, 1) for key, (n, _) in gaps.items()}
+    idle.update({f"{key}_us": round(us / steps, 1) for key, (_, us) in gaps.items()})
+    idle["d2h_copies"] = round(d2h / steps, 2)
+    return rows, busy / steps, span, idle
 
 
 def main() -> None:
@@ -117,7 +134,7 @@ def main() -> None:
             engine.step()
         jax.block_until_ready(engine._slots.last)
         jax.profiler.stop_trace()
-        rows, busy, span = kernel_table(trace_dir, args.steps * burst)
+        rows, busy, span, idle = kernel_table(trace_dir, args.steps * burst)
         ms = 1e3 * float(np.median(synced)) / burst
         pipelined /= burst
         dispatch, launch = np.asarray(dispatch) / burst, np.asarray(launch) / burst
@@ -127,15 +144,16 @@ def main() -> None:
               f"(decode dispatch {1e3 * float(np.median(launch)):.3f} ms); "
               f"GPU busy {busy / 1e3:.3f} ms of a {span / 1e3:.3f} ms span per step, "
               f"{sum(r[1] for r in rows):.0f} kernels per step")
+        print("idle between kernels per step: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
         print("| us/step | launches/step | kernel |\n|---:|---:|---|")
         for name, n, us in rows[: args.top]:
             print(f"| {us:.1f} | {n:g} | {name[:120]} |")
         record(args.out, bench="profile", layers=args.layers, slots=slots, decode_buckets=engine.decode_buckets,
-               decode_burst=burst,
+               decode_burst=burst, xla_flags=os.environ.get("XLA_FLAGS", ""),
                tiny=args.tiny, blocked_ms=round(ms, 3),
                pipelined_ms=round(pipelined * 1e3, 3), host_step_ms=round(1e3 * float(np.median(dispatch)), 3),
                decode_dispatch_ms=round(1e3 * float(np.median(launch)), 3),
-               gpu_busy_ms=round(busy / 1e3, 3), kernels_per_step=round(sum(r[1] for r in rows), 1),
+               gpu_busy_ms=round(busy / 1e3, 3), gpu_span_ms=round(span / 1e3, 3), idle=idle, kernels_per_step=round(sum(r[1] for r in rows), 1),
                top=[[name[:120], n, round(us, 1)] for name, n, us in rows[:20]])
         del engine
 

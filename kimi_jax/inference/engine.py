@@ -9,16 +9,21 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
    on the device with the slot's own temperature, top-p, top-k and seed, and stop ids and
    token budgets are applied there, so a finished slot stops without the host. The step
    computes only the running slots, padded to the smallest of the ``decode_buckets`` that
-   holds them (one program each): one running sequence costs a one-row step, however many
-   slots the engine has. While no request waits, is prefilled or is constrained, one
-   dispatch runs ``decode_burst`` steps back to back on the device (their tokens come back
-   together), so the host's work per step is spread over several tokens;
+   holds them: one running sequence costs a one-row step, however many slots the engine
+   has. While no request waits, is prefilled or is constrained, one dispatch runs
+   ``decode_burst`` steps back to back on the device (their tokens come back together), so
+   the host's work per step is spread over several tokens. Nothing in a decode program
+   waits for the host (no conditional, no loop of unknown length: on a GPU each would make
+   the host wait for the device mid-dispatch), so the next dispatch is queued while one
+   runs. Whether the top-k / top-p filters run (a sort of the vocabulary) is decided on the
+   host from the running requests' settings;
 3. dispatches one prefill chunk of each of the oldest admitted requests (up to
    ``prefill_rows``; a last chunk samples its request's first token), so running sequences
    keep producing tokens while prompts are read;
 4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
-**Compilation.** Shapes are fixed per engine (slots, cache length, chunk, decode buckets), the steps take
+**Compilation.** Shapes are fixed per engine (slots, cache length, chunk, decode buckets; a
+decode program per bucket, for one step and for a burst, with and without the filters), the steps take
 numpy arrays of fixed dtypes, and every step returns the slot state in the shardings it
 takes, so each step compiles once. :meth:`Engine.warm_up` (run by the first step) compiles
 them all: afterwards no request compiles anything, whatever its prompt length, sampling
@@ -51,6 +56,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -60,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.inference.sampling import sample_rows
+from kimi_jax.inference.sampling import filters, sample_rows
 from kimi_jax.inference.steps import key_block_for
 from kimi_jax.media.placeholders import check_expanded
 from kimi_jax.model.cache import KVCache
@@ -126,25 +132,25 @@ class TokenConstraint(Protocol):
 
 
 def _apply_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
-    """``logits`` [n, V] with the tokens that ``allowed`` [n, ceil(V / 32)] excludes set to ``-inf``
-    (skipped when nothing is excluded)."""
-    def apply(logits):
-        bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-        keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
-        return jnp.where(keep, logits, -jnp.inf)
-
-    return jax.lax.cond(jnp.any(allowed != jnp.uint32(0xFFFFFFFF)), apply, lambda x: x, logits)
+    """``logits`` [n, V] with the tokens that ``allowed`` [n, ceil(V / 32)] excludes set to
+    ``-inf`` (always applied: one elementwise pass, where a conditional would wait for the host)."""
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
-def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Array) -> tuple[SlotState, jax.Array, jax.Array]:
-    """Samples a token for slots ``rows`` [n] from ``logits`` [n, V] where ``emitting`` [n];
-    applies stop ids and budgets. Returns the state, the tokens [n] (-1 where not emitting)
-    and which of them finished their request [n]."""
+def _emit(slots: SlotState, logits: jax.Array, rows: jax.Array, emitting: jax.Array, *,
+          filtered: bool = True) -> tuple[SlotState, jax.Array, jax.Array]:
+    """Samples a token for slots ``rows`` [n] from ``logits`` [n, V] where ``emitting`` [n]
+    (``filtered``: see :func:`~kimi_jax.inference.sampling.sample_rows`); applies stop ids and
+    budgets. Returns the state, the tokens [n] (-1 where not emitting) and which of them
+    finished their request [n]."""
     keys = jax.vmap(lambda data, t: jax.random.fold_in(jax.random.wrap_key_data(data), t))(
         slots.keys[rows], slots.produced[rows]
     )
     logits = _apply_mask(logits.astype(jnp.float32), slots.allowed[rows])
-    tokens = sample_rows(logits, keys, slots.temperature[rows], slots.top_p[rows], slots.top_k[rows])
+    tokens = sample_rows(logits, keys, slots.temperature[rows], slots.top_p[rows], slots.top_k[rows],
+                         filtered=filtered)
     produced = slots.produced[rows] + emitting
     stop = (tokens[:, None] == slots.stops[rows]).any(-1) | (produced >= slots.budget[rows])
     finished = emitting & stop
@@ -188,40 +194,42 @@ def _merge(graphdef: nnx.GraphDef | Hashed, state: nnx.State):
     return nnx.merge(graphdef.value if isinstance(graphdef, Hashed) else graphdef, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "key_block", "burst"), donate_argnames="slots")
-def decode_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array | None,
-                steps: jax.Array | None = None, *, key_block: int, burst: int = 1):
+@functools.partial(jax.jit, static_argnames=("graphdef", "key_block", "burst", "filtered"), donate_argnames="slots")
+def decode_step(graphdef: nnx.GraphDef | Hashed, state: nnx.State, slots: SlotState, rows: jax.Array | None, *,
+                key_block: int, burst: int = 1, filtered: bool = True):
     """One token for each active slot among ``rows`` [n] (distinct slots; None: all): fed,
     attended, sampled. The other slots are not computed, nor their caches read: a step costs
     what its ``n`` rows do (one program per ``n``, see ``Engine(decode_buckets=)``).
     Returns (state, tokens [S], finished [S]), -1 / False for the slots that emitted nothing.
+    ``filtered``: see :func:`~kimi_jax.inference.sampling.sample_rows`.
 
-    With ``burst`` > 1 the program runs ``steps`` (int32, 1 to ``burst``) such steps back to
-    back, with no host work between tokens, and returns tokens and finished [burst, S] (-1 /
-    False past ``steps``; a slot whose request ends emits nothing in the later steps): one
-    program serves every step count."""
+    With ``burst`` > 1 the program runs ``burst`` such steps back to back, with no host work
+    between tokens, and returns tokens and finished [burst, S] (a slot whose request ends
+    emits nothing in the later steps). Nothing in the program waits for the host (no
+    conditional, no loop of unknown length), so the host can queue the next dispatch while
+    this one runs."""
     model = _merge(graphdef, state)
     if burst == 1:
-        return _decode(model, slots, rows, key_block)
+        return _decode(model, slots, rows, key_block, filtered)
 
     def one(i, carry):
         slots, tokens, finished = carry
-        slots, t, f = _decode(model, slots, rows, key_block)
+        slots, t, f = _decode(model, slots, rows, key_block, filtered)
         return slots, tokens.at[i].set(t), finished.at[i].set(f)
 
     S = slots.active.shape[0]
     init = (slots, jnp.full((burst, S), -1, jnp.int32), jnp.zeros((burst, S), bool))
-    return jax.lax.fori_loop(0, jnp.clip(steps, 1, burst), one, init)
+    return jax.lax.fori_loop(0, burst, one, init)
 
 
-def _decode(model, slots: SlotState, rows: jax.Array | None, key_block: int):
+def _decode(model, slots: SlotState, rows: jax.Array | None, key_block: int, filtered: bool):
     S = slots.active.shape[0]
     every = rows is None
     rows = jnp.arange(S) if every else rows
     active = slots.active[rows]
     logits, cache = model.extend(slots.last[rows][:, None], active.astype(jnp.int32), slots.cache, absorbed=True,
                                  key_block=key_block, rows=None if every else rows)
-    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, active)
+    slots, tokens, finished = _emit(dataclasses.replace(slots, cache=cache), logits, rows, active, filtered=filtered)
     if not every:
         tokens = jnp.full((S,), -1, jnp.int32).at[rows].set(tokens)
         finished = jnp.zeros((S,), bool).at[rows].set(finished)
@@ -414,7 +422,8 @@ class Engine:
 
     ``decode_buckets`` are the numbers of rows a decode step may compute (default
     :func:`default_decode_buckets`): a step runs the running slots padded to the smallest
-    bucket that holds them, in one program per bucket. When the layout splits the slots over
+    bucket that holds them (programs per bucket: one step or a burst, with or without the
+    top-k / top-p filters). When the layout splits the slots over
     devices, every step computes every slot (one bucket, ``max_slots``). ``decode_burst`` is
     the decode steps one dispatch runs while nothing else is scheduled (1: one per :meth:`step`).
     """
@@ -459,6 +468,7 @@ class Engine:
         self.decode_buckets: tuple[int, ...] = tuple(sorted({int(b) for b in decode_buckets}))
         self._every_row = split  # decode steps take rows=None: all slots, in place on each device
         self.decode_burst = decode_burst
+        self._bursts = sorted({1, decode_burst})  # one step while prefills interleave, else decode_burst
         self._decode_blocks = {b: key_block_for(cfg, b, 1, max_length, key_block) for b in self.decode_buckets}
         self._prefill_block = key_block_for(cfg, self.prefill_rows, self.chunk, max_length, key_block)
         self._cache_dtype, self._parallel = jnp.dtype(cache_dtype), model.parallel
@@ -517,8 +527,8 @@ class Engine:
             self._slots = copy_slot_step(self._slots, np.int32(slot), np.int32(slot), parallel=self._parallel)
             self._slots = mask_step(self._slots, self._masks, parallel=self._parallel)
             self._slots = deactivate_step(self._slots, np.int32(slot), parallel=self._parallel)
-            for bucket in self.decode_buckets:
-                self._slots = self._decode(list(range(bucket)), 1)[0]
+            for bucket, burst, filtered in itertools.product(self.decode_buckets, self._bursts, (False, True)):
+                self._slots = self._decode(list(range(bucket)), burst, filtered)[0]
             self._prefill_chunks()  # no request: every row feeds nothing
             for program in self._media_programs.values():  # a chunk's rows from (zero) features of each bucket
                 out = program.out_info
@@ -611,7 +621,8 @@ class Engine:
         if self._running:
             alone = not (self._waiting or self._prefilling or constrained)  # nothing to interleave
             burst = self.decode_burst if alone else 1
-            self._slots, tokens, finished = self._decode(sorted(self._running), burst)
+            filtered = any(filters(r.temperature, r.top_p, r.top_k) for r in self._running.values())
+            self._slots, tokens, finished = self._decode(sorted(self._running), burst, filtered)
             self._stats["decode_steps"] += burst
             owners = [self._running.get(s) for s in range(self.max_slots)]
             dispatched.append((tokens, finished, owners))
@@ -628,10 +639,10 @@ class Engine:
             for tokens, finished, owners in pending:
                 self._collect(tokens, finished, owners)
 
-    def _decode(self, slots: list[int], steps: int):
-        """Dispatches ``steps`` decode steps (:func:`decode_step`, the engine's one program per
-        bucket) for ``slots`` (ascending) padded with other slots (which are not decoding, so
-        feed nothing) to the smallest decode bucket that holds them."""
+    def _decode(self, slots: list[int], burst: int, filtered: bool):
+        """Dispatches ``burst`` decode steps (:func:`decode_step`: a program per bucket, burst
+        and ``filtered``) for ``slots`` (ascending) padded with other slots (which are not
+        decoding, so feed nothing) to the smallest decode bucket that holds them."""
         if self._every_row:
             rows, bucket = None, self.max_slots
         else:
@@ -639,8 +650,8 @@ class Engine:
             chosen = set(slots)
             rows = np.asarray(slots + [s for s in range(self.max_slots) if s not in chosen][: bucket - len(slots)],
                               np.int32)
-        return decode_step(self._graph, self.state, self._slots, rows, np.int32(steps),
-                           key_block=self._decode_blocks[bucket], burst=self.decode_burst)
+        return decode_step(self._graph, self.state, self._slots, rows, key_block=self._decode_blocks[bucket],
+                           burst=burst, filtered=filtered)
 
     def _constrained(self) -> dict[int, Request]:
         """Slot -> request for the requests with a constraint that are prefilling or running."""

@@ -79,33 +79,36 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
     return _sample_rows(
         logits, keys, jnp.full((B,), sampling.temperature, jnp.float32), jnp.full((B,), sampling.top_p, jnp.float32),
-        jnp.full((B,), sampling.top_k, jnp.int32),
+        jnp.full((B,), sampling.top_k, jnp.int32), filtered=filters(sampling.temperature, sampling.top_p, sampling.top_k),
     )
 
 
+def filters(temperature: float, top_p: float, top_k: int) -> bool:
+    """Whether a row with these settings needs :func:`sample_rows`' ``filtered=True``."""
+    return temperature > 0 and (top_k > 0 or top_p < 1)
+
+
 def sample_rows(
-    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, *,
+    filtered: bool = True,
 ) -> jax.Array:
     """One token per row of ``logits`` [B, V] with the row's own settings, all [B]: ``keys``
     (typed PRNG keys), ``temperature`` (0: greedy), ``top_p`` (1: off), ``top_k`` (0: off).
 
     Applied in transformers' order: temperature, then top-k, then top-p (on the top-k
     renormalized distribution); ties with the last kept logit stay. Traceable, for use
-    inside compiled steps; the vocabulary is sorted only when some row filters, and random
-    bits are drawn only when some row samples.
+    inside compiled steps. ``filtered=False`` skips the filters (a sort of the vocabulary)
+    for callers that know on the host that no row :func:`filters`; a row that does is then
+    drawn from its whole distribution. Nothing branches on the device: a conditional on a
+    GPU makes the host wait for its predicate, so a step could not be queued ahead.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-
-    needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
-    scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
-    drawn = jax.lax.cond(  # no row draws: no random bits over the vocabulary
-        jnp.any(temperature > 0),
-        lambda s: jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, s).astype(jnp.int32),
-        lambda s: greedy, scaled,
-    )
+    if filtered:
+        scaled = filter_logits(scaled, top_p, top_k)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-_sample_rows = jax.jit(sample_rows)
+_sample_rows = jax.jit(sample_rows, static_argnames="filtered")

@@ -1,5 +1,6 @@
 """The serving engine: continuous batching over slots, sampling on the device, prefix reuse."""
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.inference.engine import Engine
+from kimi_jax.inference.engine import Engine, decode_step
 from kimi_jax.inference.steps import BatchEngine
 from kimi_jax.testing.compiles import compilations
 from kimi_jax.testing.synthetic import TINY_TEXT, k25_config, write_checkpoint
@@ -82,6 +83,19 @@ def test_decode_bursts_equal_single_steps(model, prompts, solo, burst):
     stats = eng.stats()
     assert stats["decoded_tokens"] == len(first.token_ids) + 5 and stats["free_slots"] == 3
     assert stats["decode_steps"] > stats["steps"] - 2 if burst > 1 else stats["decode_steps"] <= stats["steps"]
+
+
+@pytest.mark.parametrize("burst", [1, 3])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_decode_programs_never_wait_for_the_host(model, burst, filtered):
+    """A compiled decode step has no conditional and no loop of unknown length (on a GPU either
+    makes the host wait for the device mid-dispatch, so the next step could not be queued)."""
+    eng = engine(model)
+    hlo = decode_step.lower(eng._graph, eng.state, eng._slots, np.arange(3, dtype=np.int32),
+                            key_block=eng._decode_blocks[3], burst=burst, filtered=filtered).compile().as_text()
+    loops = re.findall(r"= .*\bwhile\(.*", hlo)
+    assert "conditional(" not in hlo
+    assert len(loops) >= 1 + (burst > 1) and all('"known_trip_count"' in loop for loop in loops)
 
 
 @pytest.mark.parametrize("buckets, match", [((2,), "the largest max_slots"), ((0, 3), "ints in"), ((), "ints in"),
@@ -186,6 +200,14 @@ def test_sampling_is_seeded_per_request(model, prompts):
     c = alone.submit(prompts[0], seed=8, **settings)
     alone.run()
     assert c.token_ids != a.token_ids
+    # temperature alone: unfiltered steps when alone, filtered ones beside a top-p request
+    plain = dict(max_new_tokens=NEW, temperature=1.0, seed=5)
+    d = alone.submit(prompts[2], **plain)
+    alone.run()
+    beside = crowded.submit(prompts[1], seed=1, **settings)
+    e = crowded.submit(prompts[2], **plain)
+    crowded.run()
+    assert d.token_ids == e.token_ids and beside.done
 
 
 def test_second_turn_prefills_only_the_new_tokens(model, prompts, solo):

@@ -35,7 +35,8 @@ from kimi_jax.quant.formats import int4_ragged_dot
 ROOT = Path(__file__).resolve().parent.parent
 
 E, TOP_K = 384, 8
-PROJ = {"gate_up": (2048, 7168), "down": (7168, 2048)}  # (out, in)
+PROJ = {"gate_up": (2048, 7168), "down": (7168, 2048),  # (out, in)
+        "joined": (4096, 7168)}  # gate and up as one projection: what one launch for both would read
 INTERPRET = False  # --dry-run: tiny sizes through Pallas' interpreter (checks the script on a CPU)
 
 
@@ -109,13 +110,15 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--prefill", type=int, default=32768, help="prefill token copies (0: skip)")
     p.add_argument("--sweep", action="store_true", help="try tile configs at 64 and prefill copies first")
+    p.add_argument("--proj", nargs="+", default=["gate_up", "down"], choices=("gate_up", "down", "joined"),
+                   help="projections measured (joined: gate and up read by one launch)")
     p.add_argument("--reference-max", type=int, default=2048, help="largest M for the reference path")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/int4_grouped_kernel.jsonl"))
     p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.dry_run:
         global E, PROJ, INTERPRET
-        E, PROJ, INTERPRET = 16, {"gate_up": (64, 256), "down": (256, 64)}, True
+        E, PROJ, INTERPRET = 16, {"gate_up": (64, 256), "down": (256, 64), "joined": (128, 256)}, True
         args.tokens, args.prefill = args.tokens[:2], min(args.prefill, 512)
 
     dev = jax.devices()[0]
@@ -139,7 +142,8 @@ def main():
 
     shapes = [(8 * t, t) for t in args.tokens] + ([(args.prefill, args.prefill // TOP_K)] if args.prefill else [])
     best = {}
-    for proj, (n_out, n_in) in PROJ.items():
+    for proj in args.proj:
+        n_out, n_in = PROJ[proj]
         q, s = make_weights(n_out, n_in, seed=1 if proj == "down" else 0)
         layouts = {"words": q}
         if args.sweep:

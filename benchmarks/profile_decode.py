@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="engine steps profiled")
     parser.add_argument("--burst", type=int, nargs="+", default=[1, 4],
                         help="the engines' decode_burst (decode steps per dispatch); times are per decode step")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="the request's top_p (below 1: sampled at temperature 1 through the top-p filter)")
     parser.add_argument("--top", type=int, default=40, help="kernels printed")
     parser.add_argument("--trace-dir", help="keep the raw profile here (default: a temporary folder)")
     parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
@@ -100,7 +102,8 @@ def main() -> None:
     for slots, buckets, burst in runs:
         engine = Engine(model, max_slots=slots, max_length=args.length, prefill_chunk=256, decode_buckets=buckets,
                         decode_burst=burst)
-        request = engine.submit(prompt, max_new_tokens=10**6 if not args.tiny else 200)
+        request = engine.submit(prompt, max_new_tokens=10**6 if not args.tiny else 200,
+                                temperature=1.0 if args.top_p < 1 else 0.0, top_p=args.top_p)
         while len(request.token_ids) < 3:
             engine.step()
         synced = []
@@ -112,9 +115,9 @@ def main() -> None:
         dispatch, launch = [], []
         decode = engine._decode
 
-        def timed(slots, steps):  # the host's time to hand the decode program to the device
+        def timed(*args):  # the host's time to hand the decode program to the device
             t1 = time.perf_counter()
-            out = decode(slots, steps)
+            out = decode(*args)
             launch.append(time.perf_counter() - t1)
             return out
 
@@ -139,7 +142,7 @@ def main() -> None:
         pipelined /= burst
         dispatch, launch = np.asarray(dispatch) / burst, np.asarray(launch) / burst
         print(f"\n## {args.layers} layers, {slots} slots (decode buckets {engine.decode_buckets}, burst {burst}), "
-              f"1 decoding, per decode step: {ms:.3f} ms blocked, "
+              f"1 decoding (top_p {args.top_p}), per decode step: {ms:.3f} ms blocked, "
               f"{pipelined * 1e3:.3f} ms pipelined, host step {1e3 * float(np.median(dispatch)):.3f} ms "
               f"(decode dispatch {1e3 * float(np.median(launch)):.3f} ms); "
               f"GPU busy {busy / 1e3:.3f} ms of a {span / 1e3:.3f} ms span per step, "
@@ -149,7 +152,7 @@ def main() -> None:
         for name, n, us in rows[: args.top]:
             print(f"| {us:.1f} | {n:g} | {name[:120]} |")
         record(args.out, bench="profile", layers=args.layers, slots=slots, decode_buckets=engine.decode_buckets,
-               decode_burst=burst, xla_flags=os.environ.get("XLA_FLAGS", ""),
+               decode_burst=burst, top_p=args.top_p, xla_flags=os.environ.get("XLA_FLAGS", ""),
                tiny=args.tiny, blocked_ms=round(ms, 3),
                pipelined_ms=round(pipelined * 1e3, 3), host_step_ms=round(1e3 * float(np.median(dispatch)), 3),
                decode_dispatch_ms=round(1e3 * float(np.median(launch)), 3),

@@ -34,7 +34,7 @@ expert's output dimension fills the matrix unit's M side). The out-tile axis is 
 one of the grid, so the programs that share a row tile of x run together and reuse it from
 L2, and for prefill the few row tiles of one expert read its weights close in time.
 
-Split-K (``Config.splits``, default 1: off). With few rows the grid is small (decode's 8 rows
+Split-K (``Config.splits``; 1 is off). With few rows the grid is small (decode's 8 rows
 over 8 experts, 2048 outputs in 64-wide tiles: 256 working programs for 132 SMs, each streaming
 the whole ``in`` range), too few programs per SM to keep HBM busy. With ``splits = S > 1`` a
 third grid axis shares each tile's n_k = in / block_k k-blocks among S programs (contiguous
@@ -42,8 +42,8 @@ ranges of ``ceil(n_k / S)`` blocks; the last ones may be short or empty): S time
 for the same weight bytes, each read once. The price: every program stores a float32 partial
 into a ``[S, M, out]`` buffer (``S * M * out * 4`` bytes written, then read back), and a sum
 over S with the cast to x's dtype runs after the kernel in XLA; the float32 accumulation order
-changes with S. Only worth it for few rows, so it is opt-in:
-``config=decode_split_config(m, e, n, k, splits)``.
+changes with S. Only worth it for few rows: the default uses S = 2 at one token for inputs of
+4096 and more (K2.5's gate / up); ``config=decode_split_config(m, e, n, k, splits)`` sets S.
 
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
@@ -142,12 +142,17 @@ def default_config(m: int, e: int, n: int, k: int) -> Config:
     """A config by rows per expert, from a sweep at K2.5 sizes on an H100 (benchmarks/RESULTS.md).
 
     Up to 16 rows per expert (decode) the weight reads dominate: nibble planes with 16-row
-    tiles; few rows in all want long k-blocks (fewer, longer streams per program). Prefill
-    tiles are 128 x 128 with re-interleaved values (planes lose there: 8 narrow dots).
+    tiles; few rows in all want long k-blocks (fewer, longer streams per program), except at
+    one token (8 rows), where 256-input blocks in 4 stages won, with split-K in two for the
+    wide gate / up inputs (58 against 66 us for gate at K2.5 sizes). Prefill tiles are
+    128 x 128 with re-interleaved values (planes lose there: 8 narrow dots).
     """
     rows_per_expert = m / max(1, min(e, m))
     if rows_per_expert <= 16:
-        if m <= 64:
+        if m <= 16:
+            cfg = Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, planes=True,
+                         splits=2 if k >= 4096 else 1)
+        elif m <= 64:
             cfg = Config(block_m=16, block_n=64, block_k=512, num_warps=4, num_stages=3, planes=True)
         elif k >= 4096:
             cfg = Config(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=3, planes=True)

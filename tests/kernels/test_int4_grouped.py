@@ -202,7 +202,8 @@ def test_split_k_bfloat16_and_a_layer_of_a_stack():
 def test_split_k_config():
     assert ig.fit_config(ig.Config(block_k=64, splits=0), 48, 256).splits == 1
     assert ig.fit_config(ig.Config(block_k=256, splits=4), 48, 96).splits == 3  # block_k 32: 3 k-blocks
-    assert ig.Config().splits == 1 and ig.default_config(8, 384, 2048, 7168).splits == 1
+    assert ig.Config().splits == 1 and ig.default_config(64, 384, 2048, 7168).splits == 1
+    assert ig.default_config(8, 384, 2048, 7168).splits == 2 and ig.default_config(8, 384, 7168, 2048).splits == 1
     cfg = ig.decode_split_config(8, 384, 2048, 7168, 4)
     assert cfg == dataclasses.replace(ig.default_config(8, 384, 2048, 7168), splits=4)
     assert ig.decode_split_config(8, 384, 2048, 7168, 1000).splits == 7168 // cfg.block_k

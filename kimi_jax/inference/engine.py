@@ -10,9 +10,9 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
    token budgets are applied there, so a finished slot stops without the host. The step
    computes only the running slots, padded to the smallest of the ``decode_buckets`` that
    holds them: one running sequence costs a one-row step, however many slots the engine
-   has. While no request waits, is prefilled or is constrained, one dispatch runs
-   ``decode_burst`` steps back to back on the device (their tokens come back together), so
-   the host's work per step is spread over several tokens. Nothing in a decode program
+   has. With ``decode_burst`` above 1, while no request waits, is prefilled or is
+   constrained, one dispatch runs that many steps back to back on the device (their tokens
+   come back together), so the host's work per step is spread over several tokens. Nothing in a decode program
    waits for the host (no conditional, no loop of unknown length: on a GPU each would make
    the host wait for the device mid-dispatch), so the next dispatch is queued while one
    runs. Whether the top-k / top-p filters run (a sort of the vocabulary) is decided on the
@@ -425,14 +425,18 @@ class Engine:
     bucket that holds them (programs per bucket: one step or a burst, with or without the
     top-k / top-p filters). When the layout splits the slots over
     devices, every step computes every slot (one bucket, ``max_slots``). ``decode_burst`` is
-    the decode steps one dispatch runs while nothing else is scheduled (1: one per :meth:`step`).
+    the decode steps one dispatch runs while nothing else is scheduled (default 1: one per
+    :meth:`step`). A burst spreads the host's work per step (about 0.2 ms of Python) over
+    several tokens: worth it where a step takes little longer than that (small models on a
+    CPU), at the price of two more decode programs per bucket to compile. On an H100 a
+    4-layer K2.5 cut decoded as fast without (benchmarks/RESULTS.md).
     """
 
     def __init__(
         self, model: Kimi, *, max_slots: int = 8, max_length: int = 4096, prefill_chunk: int = 256,
         prefill_rows: int = 4, cache_dtype: jnp.dtype = jnp.bfloat16, key_block: int | None = None,
         media_buckets: Sequence[int] | None = None, decode_buckets: Sequence[int] | None = None,
-        decode_burst: int = 4,
+        decode_burst: int = 1,
     ):
         cfg = model.config.text
         for name, value in (("max_slots", max_slots), ("max_length", max_length), ("prefill_chunk", prefill_chunk),

@@ -115,9 +115,9 @@ def main() -> None:
         dispatch, launch = [], []
         decode = engine._decode
 
-        def timed(*args):  # the host's time to hand the decode program to the device
+        def timed(*call):  # the host's time to hand the decode program to the device
             t1 = time.perf_counter()
-            out = decode(*args)
+            out = decode(*call)
             launch.append(time.perf_counter() - t1)
             return out
 
@@ -156,7 +156,8 @@ def main() -> None:
                tiny=args.tiny, blocked_ms=round(ms, 3),
                pipelined_ms=round(pipelined * 1e3, 3), host_step_ms=round(1e3 * float(np.median(dispatch)), 3),
                decode_dispatch_ms=round(1e3 * float(np.median(launch)), 3),
-               gpu_busy_ms=round(busy / 1e3, 3), gpu_span_ms=round(span / 1e3, 3), idle=idle, kernels_per_step=round(sum(r[1] for r in rows), 1),
+               gpu_busy_ms=round(busy / 1e3, 3), gpu_span_ms=round(span / 1e3, 3), idle=idle,
+               kernels_per_step=round(sum(r[1] for r in rows), 1),
                top=[[name[:120], n, round(us, 1)] for name, n, us in rows[:20]])
         del engine
 

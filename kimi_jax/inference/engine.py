@@ -12,18 +12,18 @@ device. :meth:`Engine.submit` queues a request; each :meth:`Engine.step`
    holds them: one running sequence costs a one-row step, however many slots the engine
    has. With ``decode_burst`` above 1, while no request waits, is prefilled or is
    constrained, one dispatch runs that many steps back to back on the device (their tokens
-   come back together), so the host's work per step is spread over several tokens. Nothing in a decode program
-   waits for the host (no conditional, no loop of unknown length: on a GPU each would make
-   the host wait for the device mid-dispatch), so the next dispatch is queued while one
-   runs. Whether the top-k / top-p filters run (a sort of the vocabulary) is decided on the
+   come back together), so the host's work per step is spread over several tokens. Nothing
+   in a decode program waits for the host (no conditional, no loop of unknown length: on a
+   GPU each would make the host wait for the device mid-dispatch), so the next dispatch is
+   queued while one runs. Whether the top-k / top-p filters run (a sort of the vocabulary) is decided on the
    host from the running requests' settings;
 3. dispatches one prefill chunk of each of the oldest admitted requests (up to
    ``prefill_rows``; a last chunk samples its request's first token), so running sequences
    keep producing tokens while prompts are read;
 4. reads the tokens of the *previous* step: the device works on this step meanwhile.
 
-**Compilation.** Shapes are fixed per engine (slots, cache length, chunk, decode buckets; a
-decode program per bucket, for one step and for a burst, with and without the filters), the steps take
+**Compilation.** Shapes are fixed per engine (slots, cache length, chunk, decode buckets;
+per bucket a decode program with and one without the filters, twice with bursts), the steps take
 numpy arrays of fixed dtypes, and every step returns the slot state in the shardings it
 takes, so each step compiles once. :meth:`Engine.warm_up` (run by the first step) compiles
 them all: afterwards no request compiles anything, whatever its prompt length, sampling
@@ -422,8 +422,8 @@ class Engine:
 
     ``decode_buckets`` are the numbers of rows a decode step may compute (default
     :func:`default_decode_buckets`): a step runs the running slots padded to the smallest
-    bucket that holds them (programs per bucket: one step or a burst, with or without the
-    top-k / top-p filters). When the layout splits the slots over
+    bucket that holds them (per bucket a program with and one without the top-k / top-p
+    filters, and as many for bursts). When the layout splits the slots over
     devices, every step computes every slot (one bucket, ``max_slots``). ``decode_burst`` is
     the decode steps one dispatch runs while nothing else is scheduled (default 1: one per
     :meth:`step`). A burst spreads the host's work per step (about 0.2 ms of Python) over

@@ -79,7 +79,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
     return _sample_rows(
         logits, keys, jnp.full((B,), sampling.temperature, jnp.float32), jnp.full((B,), sampling.top_p, jnp.float32),
-        jnp.full((B,), sampling.top_k, jnp.int32), filtered=filters(sampling.temperature, sampling.top_p, sampling.top_k),
+        jnp.full((B,), sampling.top_k, jnp.int32),
+        filtered=filters(sampling.temperature, sampling.top_p, sampling.top_k),
     )
 
 

@@ -29,6 +29,8 @@ def checkpoint_info(path: str | Path) -> dict:
     """The ``kimi_jax.json`` written by the converter; a clear error if ``path`` is no checkpoint
     or the file is malformed (``ValueError`` naming the file and field)."""
     path = absolute(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a checkpoint folder")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     info_file = path / INFO_FILE

@@ -125,6 +125,8 @@ def test_bad_paths(hf, tmp_path):
         kimi_jax.convert(hf, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="not a converted kimi-jax checkpoint"):
         kimi_jax.load(hf)
+    with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint folder"):
+        kimi_jax.load(hf / "config.json")
 
 
 def test_existing_destination(hf, tmp_path):

@@ -13,7 +13,9 @@ In one run, after measuring the copy bandwidth:
    programs compiled after the engine's warm-up (``Engine.warm_up``; any compilation in the
    process counts);
 3. ``mla``: absorbed MLA attention of one layer over 4K, 32K and 128K cached tokens at
-   batch 1 and 32, against reading its cache and weights once;
+   batch 1 and 32, against reading its cache and weights once: ms per call blocked on one
+   by one (the host's dispatch included) and, on a GPU, the kernels' busy time per call
+   from a profile (``device_ms``: what the layer costs inside a step);
 4. ``compile``: seconds to compile the decode step of the cut and of the whole 61-layer
    model (abstract weights, no memory).
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+from kernel_times import device_seconds
 
 from kimi_jax.checkpoint.summary import device_bytes
 from kimi_jax.config.model import KimiConfig, builtin_config_dir
@@ -190,9 +193,12 @@ def main() -> None:
                 # the engine's block size, and the whole cache scored at once
                 for block in sorted({key_block_for(cfg, batch, 1, cached, None), cached}):
                     seconds = median_seconds(call, block)
+                    busy = device_seconds(call, block)[0] if jax.default_backend() == "gpu" else None
+                    on_device = {} if busy is None else dict(device_ms=round(busy * 1e3, 3),
+                                                             device_floor_ratio=round(floor / busy, 3))
                     print(record(args.out, bench="mla", batch=batch, cached=cached, key_block=block,
                                  ms=round(seconds * 1e3, 3), floor_ms=round(floor * 1e3, 3),
-                                 floor_ratio=round(floor / seconds, 3), **common), flush=True)
+                                 floor_ratio=round(floor / seconds, 3), **on_device, **common), flush=True)
                 del cache, held
 
     if "arrivals" not in args.skip:

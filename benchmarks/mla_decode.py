@@ -13,7 +13,10 @@ Timing: about 20 ms of floor time of calls (about 4 to 400) inside one jitted lo
 call), call i on layer i % L of the stack, so that every call reads a layer that is not in L2:
 the stack holds L = max(2, enough layers to span 4x a 50 MB L2) layers (``layers`` in the
 rows); the last call is on layer 1 and gives the error. The median of 5 loops, divided by the
-calls. Combinations that would need more than 60 GB are skipped.
+calls (``ms``). Small calls in such a loop wait on the host's launches, so the rows also give
+the GPU's busy time per call from a profile of the same loop (``device_ms``: the kernel's two
+launches; the reference's every kernel), which is what a call costs inside a decode step that
+the host keeps fed. Combinations that would need more than 60 GB are skipped.
 
     PYTHONPATH=. python benchmarks/mla_decode.py [--sweep] [--out results.jsonl]
 
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
 from jax import lax
+from kernel_times import device_seconds
 
 from kimi_jax.kernels import mla_decode as md
 
@@ -40,6 +44,7 @@ N, C, R = 64, 512, 64  # K2.5: heads, kv_lora_rank, qk_rope_head_dim
 SCALE = 192**-0.5  # 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 L2_BYTES = 50 << 20
 MEMORY = 60e9
+KERNELS = "mla_decode"  # the kernel's launches in a profile (the split and the combine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +82,12 @@ def make_inputs(case: Case):
     return (*draw(), jnp.full((B, 1), S - 1, jnp.int32))
 
 
-def timed(fn, inputs, layers: int, floor_s: float) -> tuple[float, jax.Array]:
-    """Seconds per call and the last call's output (layer 1): the median of 5 runs of a jitted
-    loop of about 20 ms of floor time, call i on layer i % layers."""
+def timed(fn, inputs, layers: int, floor_s: float, match: str | None = None) -> tuple[float, float, jax.Array]:
+    """Seconds per call, the GPU's busy seconds per call (its kernels alone, without the gaps
+    in which the host launches the next: a loop of small calls is bound by those launches) and
+    the last call's output (layer 1): the median of 5 runs of a jitted loop of about 20 ms of
+    floor time, call i on layer i % layers, then 3 runs under the profiler (the kernels whose
+    names contain ``match`` if given)."""
     n = int(min(400, max(4, 0.02 // floor_s)))
     iters = n - n % layers + 2  # the last call, iters - 1, is on layer 1
     q, q_pe, c_kv, k_pe, positions = inputs
@@ -92,7 +100,11 @@ def timed(fn, inputs, layers: int, floor_s: float) -> tuple[float, jax.Array]:
         return lax.fori_loop(0, iters, body, jnp.zeros(q.shape, jnp.float32))
 
     seconds = median_seconds(loop, q, q_pe, c_kv, k_pe, positions, iters=5) / iters
-    return seconds, loop(q, q_pe, c_kv, k_pe, positions)
+    busy, kernels = device_seconds(loop, q, q_pe, c_kv, k_pe, positions, calls=3, per_call=iters, match=match)
+    if not busy:
+        print(f"no kernel named {match!r} in the profile: {[name[:60] for name, _, _ in kernels[:8]]}", flush=True)
+        busy = float("nan")
+    return seconds, busy, loop(q, q_pe, c_kv, k_pe, positions)
 
 
 def errors(out, ref) -> tuple[float, float]:
@@ -133,15 +145,17 @@ def main():
                 continue
             inputs = make_inputs(case)
             floor = case.floor_bytes / bw
-            ref_seconds, ref = timed(reference, inputs, case.layers, floor)
-            seconds, out = timed(kernel(), inputs, case.layers, floor)
+            ref_seconds, ref_busy, ref = timed(reference, inputs, case.layers, floor)
+            seconds, busy, out = timed(kernel(), inputs, case.layers, floor, KERNELS)
             rel, max_rel = errors(out, ref)
-            for impl, sec, extra in (
-                ("pallas", seconds, dict(splits=md.auto_splits(batch, N, cached), rel_err=rel, max_rel_err=max_rel)),
-                ("reference", ref_seconds, {}),
+            for impl, sec, dev, extra in (
+                ("pallas", seconds, busy,
+                 dict(splits=md.auto_splits(batch, N, cached), rel_err=rel, max_rel_err=max_rel)),
+                ("reference", ref_seconds, ref_busy, {}),
             ):
                 row = record(args.out, bench="mla_decode", impl=impl, batch=batch, cached=cached, layers=case.layers,
                              ms=round(sec * 1e3, 4), floor_ms=round(floor * 1e3, 4), floor_ratio=round(floor / sec, 3),
+                             device_ms=round(dev * 1e3, 4), device_floor_ratio=round(floor / dev, 3),
                              **extra, **common)
                 print(row, flush=True)
                 table.append(row)
@@ -151,10 +165,12 @@ def main():
         for batch in (1, 32):
             sweep(Case(batch, 32768), bw, args.out, common, args.grid)
 
-    print(f"\n{'impl':>9} {'batch':>5} {'cached':>7} {'ms':>9} {'floor ms':>9} {'floor/ms':>8} {'rel err':>9}")
+    print(f"\n{'impl':>9} {'batch':>5} {'cached':>7} {'ms':>9} {'busy ms':>9} {'floor ms':>9} {'floor/ms':>8} "
+          f"{'floor/busy':>10} {'rel err':>9}")
     for r in table:
-        print(f"{r['impl']:>9} {r['batch']:>5} {r['cached']:>7} {r['ms']:>9.4f} {r['floor_ms']:>9.4f} "
-              f"{r['floor_ratio']:>8.3f} {r.get('rel_err', float('nan')):>9.2e}")
+        print(f"{r['impl']:>9} {r['batch']:>5} {r['cached']:>7} {r['ms']:>9.4f} {r['device_ms']:>9.4f} "
+              f"{r['floor_ms']:>9.4f} {r['floor_ratio']:>8.3f} {r['device_floor_ratio']:>10.3f} "
+              f"{r.get('rel_err', float('nan')):>9.2e}")
 
 
 def sweep(case: Case, bw: float, path: str, common: dict, grid: list[dict] | None):
@@ -176,15 +192,16 @@ def sweep(case: Case, bw: float, path: str, common: dict, grid: list[dict] | Non
 
     def measure(config):
         try:
-            seconds, out = timed(kernel(**config), inputs, case.layers, floor)
+            seconds, busy, out = timed(kernel(**config), inputs, case.layers, floor, KERNELS)
             rel, _ = errors(out, ref)
         except Exception as e:  # a config can fail to compile (shared memory, registers)
             print(f"  {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             return
         record(path, bench="mla_decode_sweep", batch=case.batch, cached=case.cached, layers=case.layers, config=config,
                ms=round(seconds * 1e3, 4), floor_ms=round(floor * 1e3, 4), floor_ratio=round(floor / seconds, 3),
-               rel_err=rel, **common)
-        print(f"  {config}: {seconds * 1e3:.4f} ms, floor/ms {floor / seconds:.3f}, rel err {rel:.1e}", flush=True)
+               device_ms=round(busy * 1e3, 4), device_floor_ratio=round(floor / busy, 3), rel_err=rel, **common)
+        print(f"  {config}: {seconds * 1e3:.4f} ms (GPU busy {busy * 1e3:.4f}), floor/ms {floor / seconds:.3f}, "
+              f"rel err {rel:.1e}", flush=True)
         results.append((seconds, config))
 
     print(f"sweep: batch {case.batch}, {case.cached} tokens, floor {floor * 1e3:.4f} ms", flush=True)

@@ -127,6 +127,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also sweep block sizes / warps / splits at 32K")
     parser.add_argument("--grid", type=json.loads, default=None,
                         help="the sweep's configs as a JSON list of mla_decode keyword dicts (default: a built-in grid)")
+    parser.add_argument("--sweep-batch", type=int, nargs="+", default=[1, 32], help="the batches swept")
     parser.add_argument("--out", default=str(RESULTS / "mla_decode.jsonl"))
     args = parser.parse_args()
     if jax.devices()[0].platform != "gpu":
@@ -162,7 +163,7 @@ def main():
             del inputs, ref, out
 
     if args.sweep:
-        for batch in (1, 32):
+        for batch in args.sweep_batch:
             sweep(Case(batch, 32768), bw, args.out, common, args.grid)
 
     print(f"\n{'impl':>9} {'batch':>5} {'cached':>7} {'ms':>9} {'busy ms':>9} {'floor ms':>9} {'floor/ms':>8} "

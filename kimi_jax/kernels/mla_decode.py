@@ -255,12 +255,13 @@ def fits(latent: int, rope: int) -> bool:
 
 def tuned_config(batch: int) -> dict:
     """Block sizes measured best on an H100 at 32K cached tokens (``benchmarks/mla_decode.py
-    --sweep``): 64-row blocks with 256-column dots from batch 8 (67% of the copy bandwidth at
-    batch 32), 4 warps on 32-row blocks below (35% at batch 1, where two launches and the
-    partials' round trip dominate 15 us of cache reads)."""
+    --sweep``): 64-row blocks with 256-column dots from batch 8 (63-67% of the copy bandwidth
+    at batch 32), below that 4 warps on 32-row blocks with 3 stages (42% at batch 1 against 34%
+    with 2: one 4-warp program per SM, whose loads and dots wait on each other; 37.7 MB of
+    cache take 14 us at the floor)."""
     if batch >= 8:
         return dict(block_s=64, block_rows=64, block_c=256, num_warps=8, num_stages=2)
-    return dict(block_s=64, block_rows=BLOCK_ROWS, block_c=128, num_warps=4, num_stages=2)
+    return dict(block_s=64, block_rows=BLOCK_ROWS, block_c=128, num_warps=4, num_stages=3)
 
 
 def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, rows=None, block_s: int | None = None,

@@ -13,10 +13,9 @@ Timing: about 20 ms of floor time of calls (about 4 to 400) inside one jitted lo
 call), call i on layer i % L of the stack, so that every call reads a layer that is not in L2:
 the stack holds L = max(2, enough layers to span 4x a 50 MB L2) layers (``layers`` in the
 rows); the last call is on layer 1 and gives the error. The median of 5 loops, divided by the
-calls (``ms``). Small calls in such a loop wait on the host's launches, so the rows also give
-the GPU's busy time per call from a profile of the same loop (``device_ms``: the kernel's two
-launches; the reference's every kernel), which is what a call costs inside a decode step that
-the host keeps fed. Combinations that would need more than 60 GB are skipped.
+calls (``ms``). The rows also give the GPU's busy time per call from a profile of the same
+loop (``device_ms``: the kernel's two launches; the reference's every kernel), without the
+gaps between launches: what a call costs inside a decode step that the host keeps fed. Combinations that would need more than 60 GB are skipped.
 
     PYTHONPATH=. python benchmarks/mla_decode.py [--sweep] [--out results.jsonl]
 
@@ -84,8 +83,7 @@ def make_inputs(case: Case):
 
 def timed(fn, inputs, layers: int, floor_s: float, match: str | None = None) -> tuple[float, float, jax.Array]:
     """Seconds per call, the GPU's busy seconds per call (its kernels alone, without the gaps
-    in which the host launches the next: a loop of small calls is bound by those launches) and
-    the last call's output (layer 1): the median of 5 runs of a jitted loop of about 20 ms of
+    between launches) and the last call's output (layer 1): the median of 5 runs of a jitted loop of about 20 ms of
     floor time, call i on layer i % layers, then 3 runs under the profiler (the kernels whose
     names contain ``match`` if given)."""
     n = int(min(400, max(4, 0.02 // floor_s)))

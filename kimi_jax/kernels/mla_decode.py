@@ -40,16 +40,14 @@ Design. Two launches.
    recomputed from positions), up to 16 splits per load, and divides by the summed softmax
    denominators.
 
-Row blocks: K2.5 decode has T*N = 64 rows, two blocks of the default 32. Each row block reads
-the same cache blocks, so HBM sees one pass only while the row blocks of a split run together
-and share them through L2 (twice the L2-to-SM traffic). One 64-row block would read each block
-once, but its [64, 512] float32 accumulator is 128 registers per thread at 8 warps, and the
-value product needs more: Pallas' dot has no accumulator operand, so ``acc * alpha + dot(p,
-v)`` holds the dot's result beside the accumulator (the ``block_c`` chunks bound that extra to
-one [rows, block_c] tile). Compiled for sm_90a with pip Triton 3.9 (not XLA's own Triton),
-the defaults take 172 registers, no spills, 110 KB of shared memory and mma.sync; 64-row
-blocks (wgmma) spilled at every block_s / block_c / warps tried. Both are in the benchmark's
-sweep.
+Row blocks: K2.5 decode has T*N = 64 rows. With 32-row blocks (the default below batch 8,
+:func:`tuned_config`) both row blocks read the same cache blocks, so HBM sees one pass only
+while the row blocks of a split run together and share them through L2 (twice the L2-to-SM
+traffic). A 64-row block (the default from batch 8) reads each block once, but its [64, 512]
+float32 accumulator is 128 registers per thread at 8 warps, and Pallas' dot has no
+accumulator operand, so ``acc * alpha + dot(p, v)`` holds the dot's result beside the
+accumulator (the ``block_c`` chunks bound that extra to one [rows, block_c] tile). Both are
+in the benchmark's sweep.
 
 The partials cost ``splits * rows * C * 4`` bytes written and read back: at batch 1 with 64
 rows and the default 66 splits that is 8.7 MB against 37.7 MB of cache at 32K slots (mostly

@@ -1,6 +1,6 @@
 """The serving engine on one accelerator: decode against its floor, batching, arrivals, compile time, MLA.
 
-In one run, after measuring the copy bandwidth:
+In one run, after measuring the memory bandwidth:
 
 1. ``decode-1`` / ``decode-N``: ms per decode step of a K2.5 cut (``--layers``, INT4
    experts, random weights) with 1 and N running sequences, steps dispatched back to back
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+from floors import RESULTS, device_name, median_seconds, memory_bandwidth, record
 from kernel_times import device_seconds
 
 from kimi_jax.checkpoint.summary import device_bytes
@@ -134,8 +134,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "engine.jsonl"))
     args = parser.parse_args()
 
-    bw = copy_bandwidth(1 << 24 if args.tiny else 2 << 30)
-    print(f"{device_name()}, jax {jax.__version__}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = memory_bandwidth(1 << 24 if args.tiny else 2 << 30)
+    print(f"{device_name()}, jax {jax.__version__}: memory bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     common = dict(layers=args.layers, tiny=args.tiny, bandwidth_tb_s=round(bw / 1e12, 3))
     config = text_config(args.layers, args.tiny)
     rng = np.random.default_rng(0)

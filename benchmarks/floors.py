@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kimi_jax.bench.floors import (
-    copy_bandwidth,
     device_name,
     matmul_rate,
     median_seconds,
+    memory_bandwidth,
     record,
 )
 
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "copy_bandwidth", "device_name", "matmul_rate", "median_seconds", "record"]
+__all__ = ["RESULTS", "memory_bandwidth", "device_name", "matmul_rate", "median_seconds", "record"]

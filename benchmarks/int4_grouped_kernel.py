@@ -1,10 +1,10 @@
 """The fused INT4 grouped matmul (``kimi_jax/kernels/int4_grouped.py``) at Kimi K2.5 sizes on one GPU.
 
-In one run: the measured copy bandwidth (bytes read + written), then for gate/up
+In one run: the measured memory bandwidth, then for gate/up
 ([7168 -> 2048]) and down ([2048 -> 7168]) projections of 384 experts, token copies routed
 like top-8 of 1, 8, 64, 256 tokens (random routing, fixed seed) and a prefill of 32768 copies:
 the kernel's median ms per call, the bytes of the experts actually touched (int4 values +
-bf16 scales of experts with rows), achieved TB/s and its ratio to the copy bandwidth; the
+bf16 scales of experts with rows), achieved TB/s and its ratio to the memory bandwidth; the
 same for the existing reference path (``int4_ragged_dot``: dequantize all experts in HBM,
 then stock ``jax.lax.ragged_dot``). A bf16 parity check against the reference is printed for
 every shape. Writes one JSON line per measurement to ``--out``.
@@ -69,8 +69,8 @@ def routing(tokens, seed):
     return np.bincount(choice.ravel(), minlength=E).astype(np.int32)
 
 
-def copy_bandwidth():
-    return floors.copy_bandwidth(1 << (21 if INTERPRET else 31))
+def memory_bandwidth():
+    return floors.memory_bandwidth(1 << (21 if INTERPRET else 31))
 
 
 def max_rel(y, ref):
@@ -127,8 +127,8 @@ def main():
     ref_fn, ref_name = int4_ragged_dot, "int4_ragged_dot"
     print(f"{gpu}, jax {jax.__version__}; {E} experts, top {TOP_K}; reference: {ref_name}", flush=True)
     t_start = time.perf_counter()
-    bw = copy_bandwidth()
-    print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s", flush=True)
+    bw = memory_bandwidth()
+    print(f"memory bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     out_file = open(args.out, "w")
 
@@ -234,7 +234,7 @@ def main():
             del xs, ref
         del q, s, layouts
 
-    print(f"\n{gpu}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"\n{gpu}, jax {jax.__version__}, memory bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'proj':>7} {'tokens':>6} {'M':>6} {'experts':>7} {'impl':>16} {'ms':>8} {'GB':>6} {'TB/s':>5} "
           f"{'of bw':>5} {'TFLOP/s':>7} {'err':>8}")
     for r in rows[1:]:

@@ -1,10 +1,10 @@
 """The split-K MLA decode kernel (``kimi_jax/kernels/mla_decode.py``) at K2.5 sizes on one GPU.
 
-In one run: the copy bandwidth (bytes read + written per second), then for 4096, 32768 and
+In one run: the memory bandwidth (floors.memory_bandwidth), then for 4096, 32768 and
 131072 cached tokens at batch 1 and 32 (one query per row, at the last cached slot; 64
 heads, C = 512, R = 64, bf16 cache stacked [B, L, S, C]): ms per call of the kernel (its
 defaults) and of the pure-JAX reference under jit, the floor (the visible cache slots' bytes
-plus q, read once, over the copy bandwidth) and floor / ms for each, and the kernel's error
+plus q, read once, over the memory bandwidth) and floor / ms for each, and the kernel's error
 against the reference at layer 1 (``rel_err`` = ||kernel - ref|| / ||ref||, ``max_rel_err`` =
 max |kernel - ref| / max |ref|). ``--sweep`` then times a small grid of block sizes, warps,
 stages and splits at 32768 tokens, batch 1 and 32, and prints the best.
@@ -33,7 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+from floors import RESULTS, device_name, median_seconds, memory_bandwidth, record
 from jax import lax
 from kernel_times import device_seconds
 
@@ -131,8 +131,8 @@ def main():
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("benchmarks/mla_decode.py times the Triton kernel: it needs a GPU")
 
-    bw = copy_bandwidth()
-    print(f"{device_name()}: copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    bw = memory_bandwidth()
+    print(f"{device_name()}: memory bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     common = dict(bandwidth_tb_s=round(bw / 1e12, 3), heads=N, latent=C, rope=R, queries=1)
     table = []
     for cached in (4096, 32768, 131072):

@@ -18,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from floors import RESULTS, copy_bandwidth, device_name, median_seconds, record
+from floors import RESULTS, device_name, median_seconds, memory_bandwidth, record
 
 from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
 
@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "stacked_matmul.jsonl"))
     args = parser.parse_args()
 
-    bw = copy_bandwidth()
-    print(f"{device_name()}, jax {jax.__version__}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = memory_bandwidth()
+    print(f"{device_name()}, jax {jax.__version__}: memory bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     kernel = jax.jit(stacked_matmul)
     xla = jax.jit(lambda x, w, layer: x @ w[layer])
     print("| projection | rows | kernel ms | kernel / floor | XLA ms | XLA / floor | max rel. error |")

@@ -1,3 +1,3 @@
 """Benchmarks that ship with the package (``kimi-jax bench``): the measured hardware floors
-(``floors``: copy bandwidth, matmul rate, JSON-line records) and one MoE layer at Kimi K2.5's
+(``floors``: memory bandwidth, matmul rate, JSON-line records) and one MoE layer at Kimi K2.5's
 sizes against them (``moe``)."""

@@ -4,12 +4,12 @@
 activations; INT4 experts (int4 values + one bf16 scale per 32 inputs), then bf16 experts
 through each grouped-matmul backend of ``--bf16-backends`` (``kimi_jax.kernels.grouped``:
 ``xla``, stock ``ragged_dot``, up to ``--bf16-max`` tokens; ``tokamax``, its kernel).
-After measuring the copy bandwidth and the bf16 matmul rate, for each token count and grouped
+After measuring the memory bandwidth and the bf16 matmul rate, for each token count and grouped
 implementation (INT4: ``grouped-pallas``, the fused kernel; ``grouped-xla``, dequantize then
 the grouped matmul, backend ``auto``) it reports the median ms of one jitted call of the whole
 layer (router, routed experts, shared expert), the bytes a call must read at least (the
 distinct chosen experts' weights, the router, the shared expert), the achieved TB/s and its
-ratio to the copy bandwidth, and the TFLOP/s and its ratio to the matmul rate (the measure
+ratio to the memory bandwidth, and the TFLOP/s and its ratio to the matmul rate (the measure
 for prefill sizes). The pallas output is compared with the XLA one, and bf16 tokamax with
 bf16 xla (max relative error, bf16).
 
@@ -40,10 +40,10 @@ import numpy as np
 from flax import nnx
 
 from kimi_jax.bench.floors import (
-    copy_bandwidth,
     device_name,
     matmul_rate,
     median_seconds,
+    memory_bandwidth,
     record,
     require_accelerator,
 )
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     g.add_argument("--hidden", type=positive_int, help="model width, a multiple of 32 (default: K2.5's)")
     g.add_argument("--moe-hidden", type=positive_int, help="expert width, a multiple of 32 (default: K2.5's)")
     g.add_argument("--copy-bytes", type=positive_int, default=2 << 30,
-                   help="bytes the copy bandwidth is measured over (default: 2 GiB)")
+                   help="bytes the memory bandwidth is measured over (default: 2 GiB)")
     g.add_argument("--matmul-size", type=positive_int, default=8192,
                    help="n of the n^3 bf16 matmul the matmul rate is measured on (default: 8192)")
 
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     every row to ``args.out`` as it is measured and returns the rows."""
     require_accelerator(args.allow_cpu)
     cfg = layer_config(args)
-    bw, rate = copy_bandwidth(args.copy_bytes), matmul_rate(args.matmul_size)
+    bw, rate = memory_bandwidth(args.copy_bytes), matmul_rate(args.matmul_size)
     floors = f"{device_name()}, jax {jax.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s"
     print(floors)
     print(f"{'tokens':>6} {'experts':>7} {'impl':>15} {'backend':>8} {'ms':>9} {'chosen':>6} {'GB':>6} {'TB/s':>6} "
@@ -194,7 +194,7 @@ def _measure(cfg: TextConfig, fmt: str, per_expert: float, variants, args, bw: f
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows :func:`run` returns as a markdown table, one line each (decode sizes are read
-    against the copy bandwidth, prefill sizes against the matmul rate)."""
+    against the memory bandwidth, prefill sizes against the matmul rate)."""
     lines = ["| tokens | experts | impl | backend | ms | distinct experts | GB | TB/s | of copy bw | TFLOP/s "
              "| of matmul | rel err |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

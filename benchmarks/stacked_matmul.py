@@ -4,7 +4,11 @@ For each projection a cached decode step reads from a run's stack (q down / up, 
 shared expert's gate / up / down) and a few row counts: ms of
 ``kimi_jax.kernels.stacked_matmul`` and of XLA's ``x @ w[layer]`` (the slice, then the
 dot), each against the floor of reading the layer's weights once at the measured copy
-bandwidth, and the kernel's largest error relative to the reference.
+bandwidth, and the kernel's largest error relative to the reference. Then the same for MLA's
+``kv_b_proj`` halves (``kimi_jax.kernels.stacked_heads``: fold the queries through the key half,
+unfold the output through the value half) against XLA's einsum over the sliced layer, both as
+the GPU's busy time per call (from a profile: these kernels take a few microseconds, less than
+a dispatch).
 
     PYTHONPATH=. python benchmarks/stacked_matmul.py [--rows 1 8 64] [--layers 3]
 
@@ -14,17 +18,23 @@ Rows are printed and appended to ``benchmarks/results/stacked_matmul.jsonl`` (``
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from floors import RESULTS, device_name, median_seconds, memory_bandwidth, record
+from kernel_times import device_seconds
 
+from kimi_jax.kernels.stacked_heads import stacked_heads_matmul, stacked_heads_reference
 from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
 
 # (name, K, N) of K2.5's projections as the kernel sees them (o_proj: heads x v_head inputs)
 SHAPES = [("q_a_proj", 7168, 1536), ("q_b_proj", 1536, 64 * 192), ("o_proj", 64 * 128, 7168),
           ("shared gate / up", 7168, 2048), ("shared down", 2048, 7168)]
+# kv_b_proj [C, heads, nope + v] of K2.5, and its halves: (name, start, width, fold)
+KV_B = (512, 64, 256)
+HALVES = [("kv_b key half (fold)", 0, 128, True), ("kv_b value half (unfold)", 128, 128, False)]
 
 
 def main() -> None:
@@ -58,6 +68,35 @@ def main() -> None:
             print(f"| {name} | {M} | {ms_kernel:.4f} | {row['kernel_floor_ratio']:.0%} | {ms_xla:.4f} | "
                   f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
         del w
+    heads(args, bw)
+
+
+def heads(args, bw: float) -> None:
+    """The kv_b_proj halves: kernel and XLA as the GPU's busy time per call."""
+    C, G, W = KV_B
+    w = jax.random.normal(jax.random.key(W), (args.layers, C, G, W), jnp.bfloat16) * 0.02
+    layer = jnp.int32(args.layers - 1)
+    print("| kv_b_proj half | rows | kernel us | kernel / floor | XLA us | XLA / floor | max rel. error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, start, width, fold in HALVES:
+        kernel = jax.jit(functools.partial(stacked_heads_matmul, start=start, width=width, fold=fold))
+        spec = "mgp,cgp->mgc" if fold else "mgc,cgp->mgp"
+        xla = jax.jit(lambda x, w, layer, spec=spec, start=start, width=width:
+                      jnp.einsum(spec, x, w[layer][..., start:start + width]))
+        floor = C * G * width * 2 / bw
+        for M in args.rows:
+            x = jax.random.normal(jax.random.key(M), (M, G, width if fold else C), jnp.bfloat16)
+            ref = np.asarray(stacked_heads_reference(x, w, layer, start=start, width=width, fold=fold), np.float32)
+            out = np.asarray(kernel(x, w, layer), np.float32)
+            error = float(np.abs(out - ref).max() / np.abs(ref).max())
+            us_kernel, us_xla = (1e6 * device_seconds(f, x, w, layer)[0] for f in (kernel, xla))
+            row = record(args.out, bench="stacked_heads", projection=name, rows=M, C=C, heads=G, width=width,
+                         kernel_device_us=round(us_kernel, 2), xla_device_us=round(us_xla, 2),
+                         floor_us=round(floor * 1e6, 2), kernel_floor_ratio=round(floor * 1e6 / us_kernel, 3),
+                         xla_floor_ratio=round(floor * 1e6 / us_xla, 3), max_rel_error=error,
+                         bandwidth_tb_s=round(bw / 1e12, 3))
+            print(f"| {name} | {M} | {us_kernel:.1f} | {row['kernel_floor_ratio']:.0%} | {us_xla:.1f} | "
+                  f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

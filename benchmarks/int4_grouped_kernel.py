@@ -97,6 +97,11 @@ def sweep_configs(m):
                 for splits in (2, 4, 8):
                     yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True,
                                     splits=splits)
+            # one row per tile, multiply-adds in registers (no matrix units)
+            for bn, bk, w, st, splits in ((64, 256, 4, 3, 1), (64, 256, 4, 3, 2), (32, 256, 4, 3, 2),
+                                          (128, 256, 8, 3, 2), (64, 512, 4, 2, 2), (64, 256, 4, 4, 4),
+                                          (32, 512, 4, 3, 4), (128, 128, 4, 4, 2)):
+                yield ig.Config(block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemv=True, splits=splits)
     else:
         for bm, bn, bk, w, st in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)):
             yield ig.Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -169,7 +174,8 @@ def main():
                             continue
                         results.append((sec, cfg))
                         print(f"  sweep {proj} m={m} {lname} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
-                              f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes} splits={cfg.splits}: "
+                              f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes} splits={cfg.splits} "
+                              f"gemv={cfg.gemv}: "
                               f"{sec * 1e3:.3f} ms", flush=True)
                     if results:
                         sec, cfg = min(results, key=lambda r: r[0])

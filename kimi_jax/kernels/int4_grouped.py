@@ -45,6 +45,16 @@ over S with the cast to x's dtype runs after the kernel in XLA; the float32 accu
 changes with S. Only worth it for few rows: the default uses S = 2 at one token for inputs of
 4096 and more (K2.5's gate / up); ``config=decode_split_config(m, e, n, k, splits)`` sets S.
 
+One-row tiles (``Config.gemv``). With one row per expert (decode at one token) a 16-row
+matrix-unit tile is one sixteenth used, and each nibble plane still goes through the matrix
+units' operand layout. A gemv config gives every row its own tile (block_m 1) and uses no
+matrix unit: each weight is dequantized in float32 (``_nibble``: ``136 + q`` from one shift
+and one and-or, then ``W = that * s - 136 s``, exact for bf16 scales) and multiplied into a ``[block_n,
+block_k / 8]`` float32 accumulator with its input, summed over the words once at the end. W
+is not rounded to x's dtype there (the products use the exact float32 W): with bf16 x the
+result differs from the reference by that rounding. Chosen by ``config=``; not a default
+until measured on a GPU.
+
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
 ``jnp.int4``: the Triton lowering computes element offsets in 32 bits, and a K2.5 expert
@@ -136,6 +146,7 @@ class Config:
     swap: bool = True  # accumulate W @ x.T ([block_n, block_m]) instead of x @ W.T
     planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
     splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
+    gemv: bool = False  # one row per tile, no matrix units: multiply-adds in registers (see _gemv)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -182,10 +193,12 @@ def _pow2_divisor(n: int, target: int, minimum: int) -> int:
 def fit_config(cfg: Config, n: int, k: int) -> Config:
     """Shrink block_n / block_k to powers of two dividing ``out`` / ``in`` (planes need k-blocks
     of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes), and
-    clamp ``splits`` to [1, in / block_k] (at most one k-block per program)."""
+    clamp ``splits`` to [1, in / block_k] (at most one k-block per program). ``gemv`` tiles
+    hold one row (block_m 1) and k-blocks of at least 32 inputs (one scale group)."""
     block_k = _pow2_divisor(k, cfg.block_k, GROUP)
     return dataclasses.replace(
-        cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k, planes=cfg.planes and block_k >= 128,
+        cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k,
+        planes=cfg.planes and block_k >= 128 and not cfg.gemv, block_m=1 if cfg.gemv else cfg.block_m,
         splits=max(1, min(int(cfg.splits), k // block_k)),
     )
 
@@ -247,6 +260,36 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     return acc
 
 
+def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw):
+    """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 products, summed over k later.
+
+    Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
+    gives ``136 + q`` as float32 and one multiply-add with the scale makes ``W = (136 + q) s -
+    136 s``, exact for bf16 or fp16 scales (as the reference's float32 dequantization); a
+    second adds ``W * x[8 c + j]``. The scale of word column c is that of its group, ``c // 4``. No matrix unit, so no
+    operand shuffles: each thread keeps its words' products in registers.
+    """
+    words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(jnp.float32)  # [bn, nw / 4]
+    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
+    bias = s * -136.0
+    acc = None
+    for j in range(8):
+        cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + j  # inputs 8 c + j
+        xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
+        d = (_nibble(words, j) * s + bias) * xj
+        acc = d if acc is None else acc + d
+    return acc
+
+
+def _nibble(words, j):
+    """Nibble j (bits 4j..4j+3, holding ``q + 8``) of uint32 words as the float32 ``136 + q``:
+    moved to bits 16..19, the units of a float32 in [128, 256), under the bits of 128.0."""
+    shift = 16 - 4 * j
+    moved = words << jnp.uint32(shift) if shift > 0 else words >> jnp.uint32(-shift) if shift < 0 else words
+    return lax.bitcast_convert_type((moved & jnp.uint32(0x000F0000)) | jnp.uint32(0x43000000), jnp.float32)
+
+
 def _tile(g_ref, t, *, m: int, e: int, bm: int):
     """Row tile ``t``'s (expert, first row, end row), computed in the kernel from group_sizes.
 
@@ -301,29 +344,39 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
         kb1 = jnp.minimum(kb0 + per, n_k)
         out = o_ref.at[s, pl.ds(row0, bm), pl.ds(n0, bn)]
 
-    @pl.when(expert >= 0)
-    def _():
-        xmask = jnp.broadcast_to(rows < row1, (bm, bk // 8 if cfg.planes else bk))
+    if cfg.gemv:  # one row: [bn, bk / 8] products in float32, summed over the words at the end
+        @pl.when(expert >= 0)
+        def _():
+            def body(kb, acc):
+                return acc + _gemv(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, bn, bk // 8)
 
-        def body(kb, acc):
-            if cfg.planes:
-                return acc + _planes(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
-                                     dtype, precision, cfg.swap)
-            k0 = pl.multiple_of(kb * bk, bk)
-            xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
-            w = _dequant_words(q_ref, s_ref, stored, n0, kb * groups, bn, groups, dtype)
-            if cfg.swap:
-                d = lax.dot_general(w, xk, (((1,), (1,)), ((), ())), precision=precision,
-                                    preferred_element_type=jnp.float32)
-            else:
-                d = lax.dot_general(xk, w, (((1,), (1,)), ((), ())), precision=precision,
-                                    preferred_element_type=jnp.float32)
-            return acc + d
+            acc = lax.fori_loop(kb0, kb1, body, jnp.zeros((bn, bk // 8), jnp.float32))
+            plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
 
-        shape = (bn, bm) if cfg.swap else (bm, bn)
-        acc = lax.fori_loop(kb0, kb1, body, jnp.zeros(shape, jnp.float32))
-        y = (acc.T if cfg.swap else acc).astype(o_ref.dtype)
-        plgpu.store(out, y, mask=jnp.broadcast_to(rows < row1, (bm, bn)))
+    else:
+        @pl.when(expert >= 0)
+        def _():
+            xmask = jnp.broadcast_to(rows < row1, (bm, bk // 8 if cfg.planes else bk))
+
+            def body(kb, acc):
+                if cfg.planes:
+                    return acc + _planes(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
+                                         dtype, precision, cfg.swap)
+                k0 = pl.multiple_of(kb * bk, bk)
+                xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
+                w = _dequant_words(q_ref, s_ref, stored, n0, kb * groups, bn, groups, dtype)
+                if cfg.swap:
+                    d = lax.dot_general(w, xk, (((1,), (1,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32)
+                else:
+                    d = lax.dot_general(xk, w, (((1,), (1,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32)
+                return acc + d
+
+            shape = (bn, bm) if cfg.swap else (bm, bn)
+            acc = lax.fori_loop(kb0, kb1, body, jnp.zeros(shape, jnp.float32))
+            y = (acc.T if cfg.swap else acc).astype(o_ref.dtype)
+            plgpu.store(out, y, mask=jnp.broadcast_to(rows < row1, (bm, bn)))
 
     @pl.when(expert == -1)
     def _():
@@ -380,8 +433,8 @@ def _call(x, q, scales, group_sizes, base, *, cfg: Config, interpret: bool):
     m, k = x.shape
     e, n = group_sizes.shape[0], q.shape[1]
     t_max = max_row_tiles(m, e, cfg.block_m)
-    # Unless planes: a view that keeps one scale group (4 words) on its own axis (a free reshape).
-    qv = q if cfg.planes else q.reshape(q.shape[0], n, k // GROUP, GROUP // 8)
+    # Unless planes or gemv: a view that keeps one scale group (4 words) on its own axis (a free reshape).
+    qv = q if cfg.planes or cfg.gemv else q.reshape(q.shape[0], n, k // GROUP, GROUP // 8)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision)
     compiler_params = None

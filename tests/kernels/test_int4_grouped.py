@@ -40,9 +40,11 @@ GROUPS = [
 
 
 PLANES = ig.Config(block_m=16, block_n=16, block_k=128, planes=True)
+GEMV = ig.Config(block_n=16, block_k=64, gemv=True)  # fit_config makes its tiles one row
 
 
-@pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]])
+@pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]]
+                         + [(g, GEMV) for g in GROUPS[:2]])
 def test_float32_matches_reference(groups, cfg):
     m = 41
     x, q, scales = _inputs(sum(groups), m, jnp.float32)
@@ -54,13 +56,14 @@ def test_float32_matches_reference(groups, cfg):
     np.testing.assert_array_equal(np.asarray(y)[sum(groups):], 0.0)  # rows past the sum
 
 
-@pytest.mark.parametrize(("swap", "planes"), [(True, False), (False, False), (True, True)])
-def test_bfloat16_matches_reference(swap, planes):
+@pytest.mark.parametrize(("swap", "planes", "gemv"), [(True, False, False), (False, False, False),
+                                                     (True, True, False), (True, False, True)])
+def test_bfloat16_matches_reference(swap, planes, gemv):
     groups = [7, 0, 20, 0, 2, 19]
     x, q, scales = _inputs(1, 50, jnp.bfloat16)
     gs = jnp.asarray(groups, jnp.int32)
     ref = int4_ragged_dot(x, q, scales, gs)
-    cfg = ig.Config(block_m=16, block_n=16, block_k=128 if planes else 32, swap=swap, planes=planes)
+    cfg = ig.Config(block_m=16, block_n=16, block_k=128 if planes else 32, swap=swap, planes=planes, gemv=gemv)
     y = ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True)
     assert y.dtype == jnp.bfloat16
     assert _rel(y, ref) < 1e-2  # bf16 rounding of the output, float32 accumulation order
@@ -127,6 +130,8 @@ def test_default_config_fits_shapes():
     assert cfg.planes and ig.default_config(32768, 384, 7168, 2048).block_m == 128
     assert ig.fit_config(ig.Config(block_n=64, block_k=256), 48, 96) == ig.Config(block_n=16, block_k=32)
     assert not ig.fit_config(ig.Config(block_k=256, planes=True), 48, 96).planes  # 32-input blocks: no planes
+    gemv = ig.fit_config(ig.Config(block_n=64, block_k=256, gemv=True, planes=True), 2048, 7168)
+    assert gemv.block_m == 1 and not gemv.planes  # one row per tile, no dots
 
 
 def test_rejects_mismatched_shapes():
@@ -142,7 +147,7 @@ def test_rejects_mismatched_shapes():
         ig.int4_grouped_matmul(x[:, :64], q, scales, gs, interpret=True)
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PLANES])
+@pytest.mark.parametrize("cfg", [SMALL, PLANES, GEMV])
 def test_a_layer_of_a_stack_is_read_in_place(cfg):
     """With ``layer``, the kernel reads that layer of stacked experts [L, E, ...]: the same as
     the layer's own experts, and the other layers (NaN scales here) are never read."""
@@ -165,6 +170,7 @@ SPLITS = [
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=2), 384, 2),  # n_k 3: 2 + 1
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=3), 512, 3),  # n_k 4: 2 + 2 + 0 (empty)
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=5), 256, 2),  # n_k 2: clamped to 2
+    (ig.Config(block_n=16, block_k=64, gemv=True, splits=3), 256, 3),  # n_k 4: 2 + 2 + 0 (empty)
 ]
 
 
@@ -172,7 +178,7 @@ SPLITS = [
 def test_split_k_matches_reference(cfg, k, splits):
     """Partial sums over k ranges, then their sum: the reference up to float32 order, with empty
     experts (never read) and the rows past the sum zeros."""
-    groups = [3, 0, 17, 0, 5, 0] if cfg.planes else [0, 4, 0, 0, 19, 6]
+    groups = [3, 0, 17, 0, 5, 0] if cfg.planes or cfg.gemv else [0, 4, 0, 0, 19, 6]
     m = 37
     x, q, scales = _inputs(k + cfg.splits, m, jnp.float32, k)
     gs = jnp.asarray(groups, jnp.int32)

@@ -49,11 +49,10 @@ One-row tiles (``Config.gemv``). With one row per expert (decode at one token) a
 matrix-unit tile is one sixteenth used, and each nibble plane still goes through the matrix
 units' operand layout. A gemv config gives every row its own tile (block_m 1) and uses no
 matrix unit: each weight is dequantized in float32 (``_nibble``: ``136 + q`` from one shift
-and one and-or, then ``W = that * s - 136 s``, exact for bf16 scales) and multiplied into a ``[block_n,
-block_k / 8]`` float32 accumulator with its input, summed over the words once at the end. W
-is not rounded to x's dtype there (the products use the exact float32 W): with bf16 x the
-result differs from the reference by that rounding. Chosen by ``config=``; not a default
-until measured on a GPU.
+and one and-or, then ``W = that * s - 136 s``, exact for bf16 scales) and multiplied with its
+input into a ``[block_n, block_k / 8]`` float32 accumulator, summed over the words once at
+the end. W is not rounded to x's dtype there: with bf16 x the result differs from the
+reference by that rounding. Chosen by ``config=``; not a default until measured on a GPU.
 
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
@@ -264,10 +263,10 @@ def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw):
     """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 products, summed over k later.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
-    gives ``136 + q`` as float32 and one multiply-add with the scale makes ``W = (136 + q) s -
-    136 s``, exact for bf16 or fp16 scales (as the reference's float32 dequantization); a
-    second adds ``W * x[8 c + j]``. The scale of word column c is that of its group, ``c // 4``. No matrix unit, so no
-    operand shuffles: each thread keeps its words' products in registers.
+    gives ``136 + q`` as float32; one multiply-add with the scale makes ``W = (136 + q) s -
+    136 s``, exact for bf16 or fp16 scales (as the reference's float32 dequantization), and a
+    second adds ``W * x[8 c + j]``. The scale of word column c is that of its group, ``c // 4``.
+    No matrix unit, so no operand shuffles: each thread keeps its words' products in registers.
     """
     words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
     s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(jnp.float32)  # [bn, nw / 4]

@@ -260,25 +260,24 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
 
 
 def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw):
-    """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 products, summed over k later.
+    """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 partial sums, summed over k later.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
-    gives ``136 + q`` as float32; one multiply-add with the scale makes ``W = (136 + q) s -
-    136 s``, exact for bf16 or fp16 scales (as the reference's float32 dequantization), and a
-    second adds ``W * x[8 c + j]``. The scale of word column c is that of its group, ``c // 4``.
-    No matrix unit, so no operand shuffles: each thread keeps its words' products in registers.
+    gives ``136 + q`` as float32 and one multiply-add adds ``(136 + q) x[8 c + j]``; the offset
+    and the scale are applied once per word, not per weight: ``(sum_j (136 + q_j) x_j - 136
+    sum_j x_j) s``. The scale of word column c is that of its group, ``c // 4``. No matrix
+    unit, so no operand shuffles: each thread keeps its words' sums in registers.
     """
     words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
-    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(jnp.float32)  # [bn, nw / 4]
-    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
-    bias = s * -136.0
-    acc = None
+    acc = xsum = None
     for j in range(8):
         cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + j  # inputs 8 c + j
         xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
-        d = (_nibble(words, j) * s + bias) * xj
-        acc = d if acc is None else acc + d
-    return acc
+        d = _nibble(words, j) * xj
+        acc, xsum = (d, xj) if acc is None else (acc + d, xsum + xj)
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(jnp.float32)  # [bn, nw / 4]
+    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
+    return (acc - 136.0 * xsum) * s
 
 
 def _nibble(words, j):

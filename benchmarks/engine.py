@@ -150,6 +150,7 @@ def main() -> None:
     if "decode" not in args.skip:
         engine = warm_engine(model, args)
         short = 128
+        single = {}  # batch -> (ms per step, floor ms)
         for batch in (1, args.slots):
             prompts = [rng.integers(0, V, short).tolist() for _ in range(batch)]
             timed = decode_ms(engine, prompts, args.decode_new)
@@ -158,9 +159,16 @@ def main() -> None:
                 continue
             ms, blocked = timed
             floor = step_floor_bytes(config, batch, short + args.decode_new // 2) / bw * 1e3
+            # against batch 1: the measured throughput ratio, and that of two steps at their floors
+            # (each step can be no faster than its floor, so a batch-1 step within 1.3x of its floor
+            # bounds the ratio by 1.3 times that)
+            ratios = {} if batch == 1 or 1 not in single else dict(
+                throughput_ratio=round(batch * single[1][0] / ms, 2),
+                floor_throughput_ratio=round(batch * single[1][1] / floor, 2))
+            single[batch] = (ms, floor)
             row = record(args.out, bench="decode", batch=batch, ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
                          floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1),
-                         blocked_ms_per_step=round(blocked, 3), slots=args.slots, **common)
+                         blocked_ms_per_step=round(blocked, 3), slots=args.slots, **ratios, **common)
             print(row, flush=True)
         del engine
 

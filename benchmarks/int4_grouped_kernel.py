@@ -100,7 +100,8 @@ def sweep_configs(m):
             # one row per tile, multiply-adds in registers (no matrix units)
             for bn, bk, w, st, splits in ((64, 256, 4, 3, 1), (64, 256, 4, 3, 2), (32, 256, 4, 3, 2),
                                           (128, 256, 8, 3, 2), (64, 512, 4, 2, 2), (64, 256, 4, 4, 4),
-                                          (32, 512, 4, 3, 4), (128, 128, 4, 4, 2)):
+                                          (32, 512, 4, 3, 4), (128, 128, 4, 4, 2), (32, 1024, 4, 2, 2),
+                                          (16, 512, 2, 3, 2)):
                 yield ig.Config(block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemv=True, splits=splits)
     else:
         for bm, bn, bk, w, st in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)):

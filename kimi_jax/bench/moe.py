@@ -59,6 +59,11 @@ COMPARED = [(("grouped-pallas", "auto"), ("grouped-xla", "auto")), (("grouped", 
 PEER = "benchmarks/moe_torch_peer.py"
 
 
+def _significant(x: float, digits: int = 3) -> float:
+    """``x`` to ``digits`` significant digits (a CPU's tiny ratios stay above zero)."""
+    return float(f"{x:.{digits}g}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     """The benchmark's options (``kimi-jax bench moe`` and ``benchmarks/moe.py``); ``out`` is
     the default results file."""
@@ -181,9 +186,9 @@ def _measure(cfg: TextConfig, fmt: str, per_expert: float, variants, args, bw: f
             errors = {"rel_err_vs_pallas": err} if fmt == "int4" else {"rel_err_vs_xla": err}
             row = record(
                 args.out, tokens=T, experts=fmt, impl=impl, backend=backend, ms=round(seconds * 1e3, 4),
-                bytes=int(need), distinct_experts=used, tb_s=round(need / seconds / 1e12, 3),
-                bw_ratio=round(need / seconds / bw, 3), tflop_s=round(flops / seconds / 1e12, 1),
-                mm_ratio=round(flops / seconds / rate, 3), bandwidth_tb_s=round(bw / 1e12, 3),
+                bytes=int(need), distinct_experts=used, tb_s=_significant(need / seconds / 1e12),
+                bw_ratio=_significant(need / seconds / bw), tflop_s=_significant(flops / seconds / 1e12),
+                mm_ratio=_significant(flops / seconds / rate), bandwidth_tb_s=round(bw / 1e12, 3),
                 matmul_tflop_s=round(rate / 1e12, 1), **errors, **sizes,
             )
             rows.append(row)

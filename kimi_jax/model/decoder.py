@@ -45,7 +45,7 @@ leading ``layers`` axis in the weights' metadata."""
 
 
 
-IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The attention and dense-MLP projections a cached step reads from a run's stack in place."""
 
 

@@ -76,17 +76,31 @@ def project(spec: str, x: jax.Array, w: jax.Array, layer: jax.Array | None = Non
         return jnp.einsum(spec, x, w)
 
     def sliced(x, w, layer):
-        return jnp.einsum(spec, x, jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False))
+        return jnp.einsum(spec, x, layer_of(w, layer))
 
     n = sum(c in w_axes for c in spec.split(",")[0])  # contracted axes
     M, K, N = math.prod(x.shape[:-n]), math.prod(x.shape[-n:]), math.prod(w.shape[1 + n:])
-    if not stacked_fits(M, K, N) or x.dtype != w.dtype:
-        return sliced(x, w, layer)
 
     def in_place(x, w, layer):
         y = stacked_matmul(x.reshape(M, K), w.reshape(w.shape[0], K, N), layer, interpret=interpret)
         return y.reshape(*x.shape[:-n], *w.shape[1 + n:])
 
+    return in_place_or_sliced(x, w, layer, sliced, in_place, fits=stacked_fits(M, K, N) and x.dtype == w.dtype,
+                              interpret=interpret)
+
+
+def layer_of(w: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer ``layer`` of a run's stack ``w`` [L, ...], sliced out (a copy on GPUs)."""
+    return jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+
+
+def in_place_or_sliced(x: jax.Array, w: jax.Array, layer: jax.Array, sliced, in_place, *, fits: bool,
+                       interpret: bool = False) -> jax.Array:
+    """``in_place(x, w, layer)``, a kernel reading layer ``layer`` of the stack ``w`` in place, on
+    NVIDIA GPUs where it ``fits`` (anywhere, in Pallas' interpreter, with ``interpret``); else
+    ``sliced(x, w, layer)``, XLA on the layer sliced out."""
+    if not fits:
+        return sliced(x, w, layer)
     if interpret:
         return in_place(x, w, layer)
     return jax.lax.platform_dependent(x, w, layer, cuda=in_place, default=sliced)

@@ -28,8 +28,10 @@ from flax import nnx
 from kimi_jax.config.model import QK_NORM_EPS, TextConfig
 from kimi_jax.kernels.mla_decode import fits as mla_decode_fits
 from kimi_jax.kernels.mla_decode import mla_decode
+from kimi_jax.kernels.stacked_heads import fits as stacked_heads_fits
+from kimi_jax.kernels.stacked_heads import stacked_heads_matmul
 from kimi_jax.model.cache import LayerCache
-from kimi_jax.model.layers import apply_rope, project, rms_norm, weight
+from kimi_jax.model.layers import apply_rope, in_place_or_sliced, layer_of, project, rms_norm, weight
 
 
 class MLA(nnx.Module):
@@ -78,7 +80,7 @@ class MLA(nnx.Module):
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, layer=None) -> jax.Array:
         """Attention over the latent itself (keys/values never expanded). Returns [B, T, D]."""
-        return self._attend(self._absorb(q_nope), q_pe, c_kv, k_pe, mask, absorbed=True, layer=layer)
+        return self._attend(self._absorb(q_nope, layer), q_pe, c_kv, k_pe, mask, absorbed=True, layer=layer)
 
     def attend_cache(
         self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array, *,
@@ -91,7 +93,7 @@ class MLA(nnx.Module):
         take [B, N, T, block] rather than [B, N, T, S], and blocks past the furthest query
         position are not visited at all. A query that sees no slot gets zeros. Returns [B, T, D].
         """
-        q = self._absorb(q_nope) if absorbed else q_nope
+        q = self._absorb(q_nope, layer) if absorbed else q_nope
         (B, T, N, _), S, dtype = q.shape, cache.c_kv.shape[2], q_pe.dtype
         width = self.cfg.kv_lora_rank if absorbed else self.cfg.v_head_dim
         lowest = jnp.finfo(jnp.float32).min
@@ -100,7 +102,7 @@ class MLA(nnx.Module):
             m, total, acc = carry
             start = jnp.minimum(i * block, S - block)  # the last block is shifted back to fit
             c_kv, k_pe = (a.astype(dtype) for a in cache.layer(layer, rows, start, block))
-            scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+            scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed, layer)
             slots = start + jnp.arange(block)
             # slots a shifted block shares with the previous one were counted already
             visible = ((slots >= i * block) & (slots <= positions[..., None]))[:, None]
@@ -119,27 +121,58 @@ class MLA(nnx.Module):
         out = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0).astype(dtype)
         return self._project(out, absorbed, layer)
 
-    def _absorb(self, q_nope: jax.Array) -> jax.Array:
+    def _absorb(self, q_nope: jax.Array, layer: jax.Array | None = None, *, interpret: bool = False) -> jax.Array:
         """``q_nope`` [B, T, N, H] folded through ``kv_b_proj``'s key half: [B, T, N, C]."""
-        return jnp.einsum("btnh,cnh->btnc", q_nope, self.kv_b_proj[..., : self.cfg.qk_nope_head_dim])
+        return self._through_kv_b(q_nope, layer, key=True, interpret=interpret)
+
+    def _through_kv_b(self, x: jax.Array, layer: jax.Array | None, *, key: bool, interpret: bool = False) -> jax.Array:
+        """``x`` through ``kv_b_proj``'s key half (``btnh,cnh->btnc``) or value half
+        (``btnc,cnv->btnv``), head by head.
+
+        ``kv_b_proj`` may be a run's whole stack [L, C, N, H + V] (a cached step on one device):
+        layer ``layer`` of it is read in place on NVIDIA GPUs by ``kimi_jax.kernels.stacked_heads``
+        where it takes the shapes (XLA would rewrite the whole stack each step to put the heads
+        first), sliced out elsewhere. ``interpret``: the kernel in Pallas' interpreter (tests).
+        """
+        H, V = self.cfg.qk_nope_head_dim, self.cfg.v_head_dim
+        start, width = (0, H) if key else (H, V)
+        spec = "btnh,cnh->btnc" if key else "btnc,cnv->btnv"
+        w = self.kv_b_proj[...]
+        if w.ndim == 3:
+            return jnp.einsum(spec, x, w[..., start:start + width])
+
+        def sliced(x, w, layer):
+            return jnp.einsum(spec, x, layer_of(w, layer)[..., start:start + width])
+
+        (B, T), (_, C, _, W) = x.shape[:2], w.shape
+
+        def in_place(x, w, layer):
+            y = stacked_heads_matmul(x.reshape(B * T, *x.shape[2:]), w, layer, start=start, width=width, fold=key,
+                                     interpret=interpret)
+            return y.reshape(B, T, *y.shape[1:])
+
+        fits = stacked_heads_fits(B * T, C, W, start, width) and x.dtype == w.dtype
+        return in_place_or_sliced(x, w, layer, sliced, in_place, fits=fits, interpret=interpret)
 
     def _attend(self, q, q_pe, c_kv, k_pe, mask, *, absorbed: bool, layer=None) -> jax.Array:
-        scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed)
+        scores, values = self._scores_and_values(q, q_pe, c_kv, k_pe, absorbed, layer)
         probs = self._softmax(scores, mask)
         return self._project(self._weigh(probs, values, absorbed).astype(c_kv.dtype), absorbed, layer)
 
-    def _scores_and_values(self, q, q_pe, c_kv, k_pe, absorbed: bool) -> tuple[jax.Array, jax.Array]:
+    def _scores_and_values(self, q, q_pe, c_kv, k_pe, absorbed: bool, layer=None) -> tuple[jax.Array, jax.Array]:
         """Unscaled scores [B, N, T, S] (float32) and the values.
 
         Absorbed (``q`` from :meth:`_absorb`): the values are the latents ``c_kv`` [B, S, C].
-        Expanded (``q`` is ``q_nope``): keys and values [B, S, N, V] are expanded from them.
+        Expanded (``q`` is ``q_nope``): keys and values [B, S, N, V] are expanded from them
+        (by layer ``layer`` of ``kv_b_proj`` when that is a run's stack).
         """
         if absorbed:
             scores = jnp.einsum("btnc,bsc->bnts", q, c_kv, preferred_element_type=jnp.float32)
             values = c_kv
         else:
             H = self.cfg.qk_nope_head_dim
-            kv = jnp.einsum("bsc,cnk->bsnk", c_kv, self.kv_b_proj[...])
+            w = self.kv_b_proj[...]
+            kv = jnp.einsum("bsc,cnk->bsnk", c_kv, w if w.ndim == 3 else layer_of(w, layer))
             scores = jnp.einsum("btnh,bsnh->bnts", q, kv[..., :H], preferred_element_type=jnp.float32)
             values = kv[..., H:]
         scores += jnp.einsum("btnr,bsr->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
@@ -154,12 +187,13 @@ class MLA(nnx.Module):
             return out.transpose(0, 2, 1, 3)
         return jnp.einsum("bnts,bsnv->btnv", probs, values, preferred_element_type=jnp.float32)
 
-    def _project(self, out: jax.Array, absorbed: bool, layer: jax.Array | None = None) -> jax.Array:
+    def _project(self, out: jax.Array, absorbed: bool, layer: jax.Array | None = None, *,
+                 interpret: bool = False) -> jax.Array:
         """Per-head outputs to the model: through ``kv_b_proj``'s value half if absorbed, then
         ``o_proj`` (``layer``: see :func:`~kimi_jax.model.layers.project`)."""
         if absorbed:
-            out = jnp.einsum("btnc,cnv->btnv", out, self.kv_b_proj[..., self.cfg.qk_nope_head_dim :])
-        return project("btnv,nvd->btd", out, self.o_proj[...], layer)
+            out = self._through_kv_b(out, layer, key=False, interpret=interpret)
+        return project("btnv,nvd->btd", out, self.o_proj[...], layer, interpret=interpret)
 
     def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
         """Scaled, masked softmax in float32; ``mask`` [B, T, S] is True where a key is visible.
@@ -209,9 +243,9 @@ class MLA(nnx.Module):
     ) -> jax.Array:
         """Absorbed attention over layer ``layer``'s cache (sequences ``rows``) by
         ``kimi_jax.kernels.mla_decode`` (each visible slot read once, straight from the stacked cache): [B, T, D]."""
-        out = mla_decode(self._absorb(q_nope), q_pe, cache.c_kv, cache.k_pe, layer, positions, rows=rows,
-                         scale=self.cfg.softmax_scale, interpret=interpret)
-        return self._project(out.astype(q_pe.dtype), True, layer)
+        out = mla_decode(self._absorb(q_nope, layer, interpret=interpret), q_pe, cache.c_kv, cache.k_pe, layer,
+                         positions, rows=rows, scale=self.cfg.softmax_scale, interpret=interpret)
+        return self._project(out.astype(q_pe.dtype), True, layer, interpret=interpret)
 
     def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, rows=None, *, absorbed: bool,
                           key_block: int) -> jax.Array:

@@ -174,3 +174,30 @@ def test_models_kernel_path_equals_its_xla_path(T):
     for key_block in (s, 16):
         want = mla._attend_cache_xla(q_nope, q_pe, cache, layer, positions, rows, absorbed=True, key_block=key_block)
         assert _rel(out, want) < 1e-5
+
+
+def test_models_kernel_path_reads_a_runs_stack_in_place():
+    """With ``kv_b_proj`` and ``o_proj`` given as a run's stack (a cached step on one device),
+    the kernel path reads their layer in place (``stacked_heads``, ``stacked_matmul``, in the
+    interpreter) and equals the module with that layer's weights; the other layer is NaN."""
+    from kimi_jax.model.cache import LayerCache
+
+    text = TINY_TEXT | {"qk_nope_head_dim": 32, "v_head_dim": 16}  # head widths the kernels take
+    cfg = kimi_jax.KimiConfig.from_dict(k25_config(text, multimodal=False)).text
+    mla = MLA(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    B, T, n, s = 2, 1, cfg.num_attention_heads, 24
+    rng = np.random.default_rng(5)
+    q_nope = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_nope_head_dim)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_rope_head_dim)), jnp.float32)
+    cache = LayerCache(jnp.asarray(rng.standard_normal((B, 2, s, cfg.kv_lora_rank)), jnp.float32),
+                       jnp.asarray(rng.standard_normal((B, 2, s, cfg.qk_rope_head_dim)), jnp.float32))
+    positions, layer = jnp.asarray([[7], [20]], jnp.int32), jnp.int32(1)
+    want = mla.attend_cache_pallas(q_nope, q_pe, cache, layer, positions, interpret=True)
+    for name in ("kv_b_proj", "o_proj"):
+        w = getattr(mla, name)[...]
+        setattr(mla, name, nnx.Param(jnp.stack([jnp.full_like(w, jnp.nan), w])))
+    out = mla.attend_cache_pallas(q_nope, q_pe, cache, layer, positions, interpret=True)
+    assert np.isfinite(np.asarray(out)).all()
+    assert _rel(out, want) < 1e-5
+    # off the kernels (other platforms), the layer is sliced out: the same
+    assert _rel(mla._attend_cache_xla(q_nope, q_pe, cache, layer, positions, absorbed=True, key_block=s), want) < 1e-5

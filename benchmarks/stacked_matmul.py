@@ -1,14 +1,14 @@
 """One layer's projection out of a stack of weights at K2.5 sizes: the in-place kernel against XLA.
 
 For each projection a cached decode step reads from a run's stack (q down / up, o_proj, the
-shared expert's gate / up / down) and a few row counts: ms of
+shared expert's gate / up / down) and a few row counts: us of
 ``kimi_jax.kernels.stacked_matmul`` and of XLA's ``x @ w[layer]`` (the slice, then the
-dot), each against the floor of reading the layer's weights once at the measured copy
+dot), each against the floor of reading the layer's weights once at the measured memory
 bandwidth, and the kernel's largest error relative to the reference. Then the same for MLA's
 ``kv_b_proj`` halves (``kimi_jax.kernels.stacked_heads``: fold the queries through the key half,
-unfold the output through the value half) against XLA's einsum over the sliced layer, both as
-the GPU's busy time per call (from a profile: these kernels take a few microseconds, less than
-a dispatch).
+unfold the output through the value half) against XLA's einsum over the sliced layer. All
+times are the GPU's busy time per call (from a profile: these kernels take a few to a hundred
+microseconds, about what one dispatch costs, so wall times would measure the host).
 
     PYTHONPATH=. python benchmarks/stacked_matmul.py [--rows 1 8 64] [--layers 3]
 
@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from floors import RESULTS, device_name, median_seconds, memory_bandwidth, record
+from floors import RESULTS, device_name, memory_bandwidth, record
 from kernel_times import device_seconds
 
 from kimi_jax.kernels.stacked_heads import stacked_heads_matmul, stacked_heads_reference
@@ -48,7 +48,7 @@ def main() -> None:
     print(f"{device_name()}, jax {jax.__version__}: memory bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     kernel = jax.jit(stacked_matmul)
     xla = jax.jit(lambda x, w, layer: x @ w[layer])
-    print("| projection | rows | kernel ms | kernel / floor | XLA ms | XLA / floor | max rel. error |")
+    print("| projection | rows | kernel us | kernel / floor | XLA us | XLA / floor | max rel. error |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, K, N in SHAPES:
         w = jax.random.normal(jax.random.key(K + N), (args.layers, K, N), jnp.bfloat16) * 0.02
@@ -59,13 +59,13 @@ def main() -> None:
             ref = np.asarray(stacked_matmul_reference(x, w, layer), np.float32)
             out = np.asarray(kernel(x, w, layer), np.float32)
             error = float(np.abs(out - ref).max() / np.abs(ref).max())
-            ms_kernel, ms_xla = (1e3 * median_seconds(f, x, w, layer) for f in (kernel, xla))
+            us_kernel, us_xla = (1e6 * device_seconds(f, x, w, layer)[0] for f in (kernel, xla))
             row = record(args.out, bench="stacked_matmul", projection=name, rows=M, K=K, N=N,
-                         kernel_ms=round(ms_kernel, 4), xla_ms=round(ms_xla, 4), floor_ms=round(floor * 1e3, 4),
-                         kernel_floor_ratio=round(floor * 1e3 / ms_kernel, 3),
-                         xla_floor_ratio=round(floor * 1e3 / ms_xla, 3), max_rel_error=error,
+                         kernel_device_us=round(us_kernel, 2), xla_device_us=round(us_xla, 2),
+                         floor_us=round(floor * 1e6, 2), kernel_floor_ratio=round(floor * 1e6 / us_kernel, 3),
+                         xla_floor_ratio=round(floor * 1e6 / us_xla, 3), max_rel_error=error,
                          bandwidth_tb_s=round(bw / 1e12, 3))
-            print(f"| {name} | {M} | {ms_kernel:.4f} | {row['kernel_floor_ratio']:.0%} | {ms_xla:.4f} | "
+            print(f"| {name} | {M} | {us_kernel:.1f} | {row['kernel_floor_ratio']:.0%} | {us_xla:.1f} | "
                   f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
         del w
     heads(args, bw)

@@ -1,7 +1,7 @@
 """What the hardware can do, measured in the same run as the numbers compared to it.
 
-Benchmarks report ratios to these floors: the memory bandwidth (the faster of a copy and a
-read of 2 GiB by default) and the bf16 matmul rate (8192^3 by default).
+Benchmarks report ratios to these floors: the memory bandwidth (the fastest of a copy, a sum
+and a vector-matrix product over 2 GiB by default) and the bf16 matmul rate (8192^3 by default).
 """
 
 from __future__ import annotations
@@ -28,17 +28,25 @@ def median_seconds(fn, *args, iters: int = 20, stat=statistics.median) -> float:
 
 
 def memory_bandwidth(n_bytes: int = 2 << 30) -> float:
-    """Bytes per second the memory sustains: the larger of a copy's rate (``x * 2`` over ``n_bytes``
-    of float32, bytes read + written) and a read's (a float32 sum over ``n_bytes``), each from the
-    fastest of 20 runs (a median moved by 15% between runs on one GPU).
+    """Bytes per second the memory sustains: the largest of three reads of ``n_bytes``, each
+    from the fastest of 20 runs (a median moved by 15% between runs on one GPU): a float32
+    copy (``x * 2``, bytes read + written), a float32 sum, and a bf16 vector-matrix product
+    (``v @ m``, m ``[n_bytes / 16 KiB, 8192]``: a decode step's projections read their
+    weights this way).
 
-    Not bf16 ``x * 2`` alone, the measure before: on an H200 it moved 2.6-3.0 TB/s while the
-    same run's lm_head read its 2.35 GB at 4.5 TB/s, so floors from it were too low there.
+    A copy alone understated it: on an H200 a bf16 copy moved 2.6-3.0 TB/s while the same
+    run's lm_head read its 2.35 GB at 4.5 TB/s; on an H100 the copy and the sum gave 2.62
+    TB/s while lm_head read at 3.09, so floors from them were too low.
     """
     x = jax.random.normal(jax.random.key(0), (n_bytes // 4,), jnp.float32)
     copy = 2 * n_bytes / median_seconds(jax.jit(lambda a: a * 2), x, stat=min)
     read = n_bytes / median_seconds(jax.jit(jnp.sum), x, stat=min)
-    return max(copy, read)
+    del x
+    cols = 8192
+    m = jax.random.normal(jax.random.key(1), (n_bytes // (2 * cols), cols), jnp.bfloat16)
+    v = jnp.ones((1, m.shape[0]), jnp.bfloat16)
+    gemv = m.size * 2 / median_seconds(jax.jit(jnp.matmul), v, m, stat=min)
+    return max(copy, read, gemv)
 
 
 def matmul_rate(n: int = 8192) -> float:

@@ -48,11 +48,19 @@ changes with S. Only worth it for few rows: the default uses S = 2 at one token 
 One-row tiles (``Config.gemv``). With one row per expert (decode at one token) a 16-row
 matrix-unit tile is one sixteenth used, and each nibble plane still goes through the matrix
 units' operand layout. A gemv config gives every row its own tile (block_m 1) and uses no
-matrix unit: each weight is dequantized in float32 (``_nibble``: ``136 + q`` from one shift
-and one and-or, then ``W = that * s - 136 s``, exact for bf16 scales) and multiplied with its
-input into a ``[block_n, block_k / 8]`` float32 accumulator, summed over the words once at
-the end. W is not rounded to x's dtype there: with bf16 x the result differs from the
-reference by that rounding. Chosen by ``config=``; not a default until measured on a GPU.
+matrix unit: each nibble becomes the float32 ``136 + q`` (``_nibble``: one shift, one
+and-or) and one multiply-add adds its product with its input to a ``[block_n, block_k / 8]``
+float32 accumulator; the offset and the scale are applied once per word (``_gemv``), and
+the words are summed once at the end. W is not rounded to x's dtype there: with bf16 x the
+result differs from the reference by that rounding. Chosen by ``config=``: on an H100 it
+took the same 50-52 us per one-token projection as the planes kernel with about half the
+operations per weight, so the operation count is unlikely to bound either there.
+
+Per-word scales (``Config.gather_scales``, planes and gemv). Both multiply a ``[block_n,
+block_k / 8]`` word tile by its groups' scales. By default the ``[block_n, block_k / 32]``
+scales are loaded as a block, then broadcast and reshaped to the words' shape in registers;
+with ``gather_scales`` they are loaded in that shape directly (the 4 columns of a group read
+one address), so no tile is reshaped. Opt-in until a GPU sweep shows which is faster.
 
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
@@ -146,6 +154,7 @@ class Config:
     planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
     splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
     gemv: bool = False  # one row per tile, no matrix units: multiply-adds in registers (see _gemv)
+    gather_scales: bool = False  # planes / gemv: per-word scales by a gathered load (see _word_scales)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -230,7 +239,7 @@ def _dequant_words(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
     return (v.reshape(bn, groups, GROUP) * s).reshape(bn, groups * GROUP)
 
 
-def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precision, swap):
+def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precision, swap, gather):
     """One k-block as 8 dots, one per nibble position, with no re-interleaving of values.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``; plane j (nibble j of every word) is a
@@ -239,8 +248,7 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     dequantized values. The scale of word column c is that of its group, ``c // 4``.
     """
     words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
-    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(dtype)  # [bn, nw / 4]
-    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
+    s = _word_scales(s_ref, e, n0, w0, bn, nw, gather).astype(dtype)
     acc = None
     for j in range(4):
         shifted = words >> jnp.uint32(4 * j) if j else words
@@ -259,7 +267,7 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     return acc
 
 
-def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw):
+def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw, gather):
     """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 partial sums, summed over k later.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
@@ -275,9 +283,22 @@ def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw):
         xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
         d = _nibble(words, j) * xj
         acc, xsum = (d, xj) if acc is None else (acc + d, xsum + xj)
-    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)].astype(jnp.float32)  # [bn, nw / 4]
-    s = jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
-    return (acc - 136.0 * xsum) * s
+    return (acc - 136.0 * xsum) * _word_scales(s_ref, e, n0, w0, bn, nw, gather).astype(jnp.float32)
+
+
+def _word_scales(s_ref, e, n0, w0, bn, nw, gather):
+    """The scale of each word of the tile ``[bn, nw]`` at word column ``w0``: its group's, ``c // 4``.
+
+    Either the ``[bn, nw / 4]`` scales loaded as a block, then broadcast and reshaped to the
+    words' shape (``gather=False``), or loaded directly in that shape by a gathered load whose
+    4 columns per group read one address (``gather=True``: no reshape of a tile in registers).
+    """
+    if gather:
+        rows = n0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
+        groups = (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) // 4
+        return plgpu.load(s_ref.at[e].at[rows, groups])
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)]  # [bn, nw / 4]
+    return jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
 
 
 def _nibble(words, j):
@@ -346,7 +367,8 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
         @pl.when(expert >= 0)
         def _():
             def body(kb, acc):
-                return acc + _gemv(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, bn, bk // 8)
+                return acc + _gemv(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, bn, bk // 8,
+                                   cfg.gather_scales)
 
             acc = lax.fori_loop(kb0, kb1, body, jnp.zeros((bn, bk // 8), jnp.float32))
             plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
@@ -359,7 +381,7 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
             def body(kb, acc):
                 if cfg.planes:
                     return acc + _planes(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
-                                         dtype, precision, cfg.swap)
+                                         dtype, precision, cfg.swap, cfg.gather_scales)
                 k0 = pl.multiple_of(kb * bk, bk)
                 xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
                 w = _dequant_words(q_ref, s_ref, stored, n0, kb * groups, bn, groups, dtype)

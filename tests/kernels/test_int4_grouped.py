@@ -41,10 +41,13 @@ GROUPS = [
 
 PLANES = ig.Config(block_m=16, block_n=16, block_k=128, planes=True)
 GEMV = ig.Config(block_n=16, block_k=64, gemv=True)  # fit_config makes its tiles one row
+# The same with the per-word scales gathered in the words' shape instead of broadcast and reshaped
+PLANES_GATHER = dataclasses.replace(PLANES, gather_scales=True)
+GEMV_GATHER = dataclasses.replace(GEMV, gather_scales=True)
 
 
 @pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]]
-                         + [(g, GEMV) for g in GROUPS[:2]])
+                         + [(g, GEMV) for g in GROUPS[:2]] + [(GROUPS[0], PLANES_GATHER), (GROUPS[1], GEMV_GATHER)])
 def test_float32_matches_reference(groups, cfg):
     m = 41
     x, q, scales = _inputs(sum(groups), m, jnp.float32)
@@ -56,14 +59,16 @@ def test_float32_matches_reference(groups, cfg):
     np.testing.assert_array_equal(np.asarray(y)[sum(groups):], 0.0)  # rows past the sum
 
 
-@pytest.mark.parametrize(("swap", "planes", "gemv"), [(True, False, False), (False, False, False),
-                                                     (True, True, False), (True, False, True)])
-def test_bfloat16_matches_reference(swap, planes, gemv):
+@pytest.mark.parametrize(("swap", "planes", "gemv", "gather"), [
+    (True, False, False, False), (False, False, False, False), (True, True, False, False), (True, False, True, False),
+    (True, True, False, True), (True, False, True, True)])
+def test_bfloat16_matches_reference(swap, planes, gemv, gather):
     groups = [7, 0, 20, 0, 2, 19]
     x, q, scales = _inputs(1, 50, jnp.bfloat16)
     gs = jnp.asarray(groups, jnp.int32)
     ref = int4_ragged_dot(x, q, scales, gs)
-    cfg = ig.Config(block_m=16, block_n=16, block_k=128 if planes else 32, swap=swap, planes=planes, gemv=gemv)
+    cfg = ig.Config(block_m=16, block_n=16, block_k=128 if planes else 32, swap=swap, planes=planes, gemv=gemv,
+                    gather_scales=gather)
     y = ig.int4_grouped_matmul(x, q, scales, gs, config=cfg, interpret=True)
     assert y.dtype == jnp.bfloat16
     assert _rel(y, ref) < 1e-2  # bf16 rounding of the output, float32 accumulation order
@@ -147,7 +152,7 @@ def test_rejects_mismatched_shapes():
         ig.int4_grouped_matmul(x[:, :64], q, scales, gs, interpret=True)
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PLANES, GEMV])
+@pytest.mark.parametrize("cfg", [SMALL, PLANES, GEMV, PLANES_GATHER, GEMV_GATHER])
 def test_a_layer_of_a_stack_is_read_in_place(cfg):
     """With ``layer``, the kernel reads that layer of stacked experts [L, E, ...]: the same as
     the layer's own experts, and the other layers (NaN scales here) are never read."""
@@ -171,6 +176,7 @@ SPLITS = [
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=3), 512, 3),  # n_k 4: 2 + 2 + 0 (empty)
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=5), 256, 2),  # n_k 2: clamped to 2
     (ig.Config(block_n=16, block_k=64, gemv=True, splits=3), 256, 3),  # n_k 4: 2 + 2 + 0 (empty)
+    (ig.Config(block_n=16, block_k=64, gemv=True, splits=2, gather_scales=True), 384, 2),  # n_k 6: 3 + 3
 ]
 
 

@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--every", type=int, default=2, help="steps between arrivals")
     parser.add_argument("--new", type=int, default=32, help="tokens generated per request of the arrivals")
-    parser.add_argument("--decode-new", type=int, default=64, help="tokens generated per request of decode-1 / -N")
+    parser.add_argument("--decode-new", type=int, default=192,
+                        help="tokens generated per request of decode-1 / -N (the timed window: about half, after prefill)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "arrivals", "compile", "mla"])
     parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "engine.jsonl"))

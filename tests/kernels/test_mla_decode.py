@@ -148,20 +148,27 @@ def test_reference_is_the_models_absorbed_attention():
     assert _rel(mla._project(out, absorbed=True), want) < 1e-5
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_models_kernel_path_equals_its_xla_path(T):
-    """``MLA.attend_cache_pallas`` (what ``MLA.cached`` runs on NVIDIA GPUs) over one layer of
-    a stacked cache equals the XLA path, whole-cache and in key blocks."""
+def _cached_inputs(cfg, B, T, s, seed):
+    """Random queries ``[B, T, heads, ...]`` and a 2-layer stacked cache of ``s`` tokens."""
     from kimi_jax.model.cache import LayerCache
 
-    cfg = kimi_jax.KimiConfig.from_dict(k25_config(TINY_TEXT, multimodal=False)).text
-    mla = MLA(cfg, dtype=jnp.float32, rngs=nnx.Rngs(1))
-    B, n, s = 2, cfg.num_attention_heads, 40
-    rng = np.random.default_rng(T)
+    n = cfg.num_attention_heads
+    rng = np.random.default_rng(seed)
     q_nope = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_nope_head_dim)), jnp.float32)
     q_pe = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_rope_head_dim)), jnp.float32)
     cache = LayerCache(jnp.asarray(rng.standard_normal((B, 2, s, cfg.kv_lora_rank)), jnp.float32),
                        jnp.asarray(rng.standard_normal((B, 2, s, cfg.qk_rope_head_dim)), jnp.float32))
+    return q_nope, q_pe, cache
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_models_kernel_path_equals_its_xla_path(T):
+    """``MLA.attend_cache_pallas`` (what ``MLA.cached`` runs on NVIDIA GPUs) over one layer of
+    a stacked cache equals the XLA path, whole-cache and in key blocks."""
+    cfg = kimi_jax.KimiConfig.from_dict(k25_config(TINY_TEXT, multimodal=False)).text
+    mla = MLA(cfg, dtype=jnp.float32, rngs=nnx.Rngs(1))
+    s = 40
+    q_nope, q_pe, cache = _cached_inputs(cfg, 2, T, s, seed=T)
     positions = jnp.asarray([[5 + t for t in range(T)], [30 + t for t in range(T)]], jnp.int32)
     layer = jnp.int32(1)
     kernel = jax.jit(functools.partial(mla.attend_cache_pallas, interpret=True), compiler_options=FAST)
@@ -180,17 +187,11 @@ def test_models_kernel_path_reads_a_runs_stack_in_place():
     """With ``kv_b_proj`` and ``o_proj`` given as a run's stack (a cached step on one device),
     the kernel path reads their layer in place (``stacked_heads``, ``stacked_matmul``, in the
     interpreter) and equals the module with that layer's weights; the other layer is NaN."""
-    from kimi_jax.model.cache import LayerCache
-
     text = TINY_TEXT | {"qk_nope_head_dim": 32, "v_head_dim": 16}  # head widths the kernels take
     cfg = kimi_jax.KimiConfig.from_dict(k25_config(text, multimodal=False)).text
     mla = MLA(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))
-    B, T, n, s = 2, 1, cfg.num_attention_heads, 24
-    rng = np.random.default_rng(5)
-    q_nope = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_nope_head_dim)), jnp.float32)
-    q_pe = jnp.asarray(rng.standard_normal((B, T, n, cfg.qk_rope_head_dim)), jnp.float32)
-    cache = LayerCache(jnp.asarray(rng.standard_normal((B, 2, s, cfg.kv_lora_rank)), jnp.float32),
-                       jnp.asarray(rng.standard_normal((B, 2, s, cfg.qk_rope_head_dim)), jnp.float32))
+    s = 24
+    q_nope, q_pe, cache = _cached_inputs(cfg, 2, 1, s, seed=5)
     positions, layer = jnp.asarray([[7], [20]], jnp.int32), jnp.int32(1)
     want = mla.attend_cache_pallas(q_nope, q_pe, cache, layer, positions, interpret=True)
     for name in ("kv_b_proj", "o_proj"):

@@ -6,7 +6,9 @@ Builds a K2.5 cut (``--layers``, INT4 experts, random weights), starts an engine
 - times the decode step synchronously (blocked each step) and pipelined (the engine's own
   overlap of host and device), and the host's time to dispatch a step;
 - records ``--steps`` engine steps with ``jax.profiler`` and sums the GPU kernels of the trace
-  by name: launches and microseconds per decode step, and the device's busy time against the wall.
+  by name: launches and microseconds per decode step, and the device's busy time against the wall;
+- with ``--sources``, names beside each kernel the JAX operation and source line it runs
+  (from the optimized HLO that XLA dumps of the decode step, ``kimi_jax.bench.hlo_sources``).
 
 Every time is per decode step (an engine step of a ``--burst`` engine runs that many).
 
@@ -29,6 +31,7 @@ from engine import text_config
 from floors import RESULTS, record
 from kernel_times import kernel_table
 
+from kimi_jax.bench.hlo_sources import kernel_sources
 from kimi_jax.inference.engine import Engine
 from kimi_jax.testing.models import random_model
 
@@ -47,9 +50,17 @@ def main() -> None:
                         help="the request's top_p (below 1: sampled at temperature 1 through the top-p filter)")
     parser.add_argument("--top", type=int, default=40, help="kernels printed")
     parser.add_argument("--trace-dir", help="keep the raw profile here (default: a temporary folder)")
+    parser.add_argument("--sources", action="store_true",
+                        help="name each kernel's JAX operation and source line (dumps the step's optimized HLO)")
     parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "profile.jsonl"))
     args = parser.parse_args()
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if args.sources:  # before the first computation creates the backend, which reads the flags
+        dump = tempfile.TemporaryDirectory()
+        dump_dir = dump.name
+        os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text "
+                                   "--xla_dump_hlo_module_re=.*decode_step.*").strip()
 
     config = text_config(args.layers, args.tiny)
     model = random_model(config, expert_format="int4")
@@ -106,18 +117,22 @@ def main() -> None:
               f"GPU busy {busy / 1e3:.3f} ms of a {span / 1e3:.3f} ms span per step, "
               f"{sum(r[1] for r in rows):.0f} kernels per step")
         print("idle between kernels per step: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
-        print("| us/step | launches/step | kernel |\n|---:|---:|---|")
+        sources = kernel_sources(dump_dir, [r[0] for r in rows], "decode_step") if args.sources else {}
+        print("| us/step | launches/step | kernel | source |\n|---:|---:|---|---|")
         for name, n, us in rows[: args.top]:
-            print(f"| {us:.1f} | {n:g} | {name[:120]} |")
+            print(f"| {us:.1f} | {n:g} | {name[:120]} | {sources.get(name, '')} |")
         record(args.out, bench="profile", layers=args.layers, slots=slots, decode_buckets=engine.decode_buckets,
-               decode_burst=burst, top_p=args.top_p, xla_flags=os.environ.get("XLA_FLAGS", ""),
+               decode_burst=burst, top_p=args.top_p, xla_flags=xla_flags,
                tiny=args.tiny, blocked_ms=round(ms, 3),
                pipelined_ms=round(pipelined * 1e3, 3), host_step_ms=round(1e3 * float(np.median(dispatch)), 3),
                decode_dispatch_ms=round(1e3 * float(np.median(launch)), 3),
                gpu_busy_ms=round(busy / 1e3, 3), gpu_span_ms=round(span / 1e3, 3), idle=idle,
                kernels_per_step=round(sum(r[1] for r in rows), 1),
-               top=[[name[:120], n, round(us, 1)] for name, n, us in rows[:20]])
+               top=[[name[:120], n, round(us, 1), *([sources.get(name, "")] if args.sources else [])]
+                    for name, n, us in rows[:20]])
         del engine
+    if args.sources:
+        dump.cleanup()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def memory_bandwidth(n_bytes: int = 2 << 30) -> float:
     """Bytes per second the memory sustains: the largest of three reads of ``n_bytes``, each
     from the fastest of 20 runs (a median moved by 15% between runs on one GPU): a float32
     copy (``x * 2``, bytes read + written), a float32 sum, and a bf16 vector-matrix product
-    (``v @ m``, m ``[n_bytes / 16 KiB, 8192]``: a decode step's projections read their
+    (``v @ m``, m ``[8192, n_bytes / 16 KiB]``: a decode step's projections read their
     weights this way).
 
     A copy alone understated it: on an H200 a bf16 copy moved 2.6-3.0 TB/s while the same
@@ -42,9 +42,9 @@ def memory_bandwidth(n_bytes: int = 2 << 30) -> float:
     copy = 2 * n_bytes / median_seconds(jax.jit(lambda a: a * 2), x, stat=min)
     read = n_bytes / median_seconds(jax.jit(jnp.sum), x, stat=min)
     del x
-    cols = 8192
-    m = jax.random.normal(jax.random.key(1), (n_bytes // (2 * cols), cols), jnp.bfloat16)
-    v = jnp.ones((1, m.shape[0]), jnp.bfloat16)
+    rows = 8192  # a short contraction over many outputs, as lm_head's 7168 x 163840
+    m = jax.random.normal(jax.random.key(1), (rows, n_bytes // (2 * rows)), jnp.bfloat16)
+    v = jnp.ones((1, rows), jnp.bfloat16)
     gemv = m.size * 2 / median_seconds(jax.jit(jnp.matmul), v, m, stat=min)
     return max(copy, read, gemv)
 

@@ -48,4 +48,7 @@ def test_kernel_sources_takes_the_module_that_explains_the_profile(tmp_path):
     names = [k for k in module_sources(step) if k.startswith("sort")] + ["int4_grouped_matmul"]
     found = kernel_sources(tmp_path, names, "jit_step")
     assert set(found) == set(names[:-1])  # a Pallas kernel's name is no instruction's
+    assert found == {name: module_sources(step)[name] for name in names[:-1]}
+    cos = [k for k, v in module_sources(other).items() if v.startswith("cos @ ")]
+    assert cos and kernel_sources(tmp_path, cos, "jit_step") == {k: module_sources(other)[k] for k in cos}
     assert kernel_sources(tmp_path, names, "no_such_module") == {}

@@ -45,7 +45,7 @@ from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.model.layers import Buffer, Quantized, project, weight
-from kimi_jax.parallel.expert import expert_parallel_moe
+from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
 
@@ -88,16 +88,14 @@ class Router(nnx.Module):
         self.weight = weight(rngs, (cfg.hidden_size, E), ("embed", "router"), dtype)
         self.e_score_correction_bias = weight(rngs, (E,), ("router",), jnp.float32, init="zeros", kind=Buffer)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Routes tokens ``x`` [T, D].
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Routes tokens ``x`` [T, D] (``layer``: see :func:`~kimi_jax.model.layers.project`).
 
         Returns the combine weights [T, K] (float32), the chosen experts [T, K] (int32) and
-        the sigmoid scores [T, E] (float32).
+        the sigmoid scores [T, E] (float32). The logits are float32 products of float32
+        inputs, as the reference.
         """
-        logits = jnp.einsum(
-            "td,de->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        logits = project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32)
         scores = jax.nn.sigmoid(logits)
         weights, idx = select_experts(scores, self.e_score_correction_bias[...], self.cfg)
         return weights, idx, scores
@@ -364,11 +362,9 @@ def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array
     """Token copies sorted by expert, grouped matmuls (:func:`swiglu_grouped`), unsorted:
     [T, D] -> [T, K, D] (``layer``: which layer of stacked experts)."""
     T, K = idx.shape
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=experts.n_experts).astype(jnp.int32)  # ids >= n_experts: no group
+    order, position, sizes = group_by_expert(idx.reshape(-1), experts.n_experts)  # ids >= n_experts: no group
     out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel, layer)
-    return jnp.zeros_like(out).at[order].set(out).reshape(T, K, -1)
+    return out[position].reshape(T, K, -1)
 
 
 class MoE(nnx.Module):
@@ -407,7 +403,7 @@ class MoE(nnx.Module):
         ``kimi_jax.model.decoder``)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, idx, scores = self.gate(tokens)
+        weights, idx, scores = self.gate(tokens, layer)
         if self.capture:
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)

@@ -22,6 +22,7 @@ from kimi_jax.parallel.expert import (
     combine,
     exchange_plan,
     expert_parallel_moe,
+    group_by_expert,
     route_tokens,
     run_local_experts,
 )
@@ -280,3 +281,16 @@ def test_buffer_rows():
     assert buffer_rows(1, 8, 384, 8, 1.0) == (1, 1)
     with pytest.raises(ValueError, match="capacity must be positive"):
         buffer_rows(64, 8, 384, 8, 0.0)
+
+
+@pytest.mark.parametrize("copies", [1, 8, 64, 3 * expert.COMPARED_COPIES // 2])
+def test_group_by_expert_is_a_stable_sort(copies):
+    """Both ways (pairwise ranks up to COMPARED_COPIES, a sort past it) give numpy's stable
+    argsort, its inverse and the counts, with ids past the experts routed nowhere (sorted last)."""
+    n_experts = 12
+    ids = np.random.default_rng(copies).integers(0, n_experts + 1, copies).astype(np.int32)  # n_experts: nowhere
+    order, position, counts = jax.jit(group_by_expert, static_argnums=1)(jnp.asarray(ids), n_experts)
+    want = np.argsort(ids, kind="stable")
+    np.testing.assert_array_equal(order, want)
+    np.testing.assert_array_equal(np.asarray(position)[want], np.arange(copies))
+    np.testing.assert_array_equal(counts, np.bincount(ids, minlength=n_experts + 1)[:n_experts])

@@ -5,7 +5,7 @@ Shape letters: M rows of x (decode: 1..64), K inputs, N outputs, L layers of the
     y[m, n] = sum_k x[m, k] * w[layer, k, n]
 
 ``x`` [M, K] and ``w`` [L, K, N] (bf16 or float32, the same dtype), a traced int32 ``layer``
-(clamped to [0, L)). Returns [M, N] in x's dtype with float32 accumulation.
+(clamped to [0, L)). Returns [M, N] in x's dtype (or ``out_dtype``) with float32 accumulation.
 
 Why: inside a ``jax.lax.scan`` over layers, XLA on GPU materializes the dynamic slice
 ``w[layer]`` of the stacked weights as a copy before the dot; at decode (a few rows) that
@@ -21,7 +21,7 @@ block_k] (Mp: M rounded up to a power of two >= 16, as Triton's dots want; rows 
 masked to zeros) and ``w[layer]`` [block_k, block_n], and accumulates their dot in float32
 [Mp, block_n]. It stores its rows below M to ``partials[s]``, float32 [splits, M, N]; the
 partials are summed over the splits outside the kernel (deterministic, no atomics) and cast
-to x's dtype. With M small one program's dot is tiny, so bandwidth comes from many programs
+to the output dtype. With M small one program's dot is tiny, so bandwidth comes from many programs
 streaming the weights: the default ``splits`` (:func:`auto_splits`) makes about two programs
 per SM. float32 inputs use ``Precision.HIGHEST`` dots, bf16 the default precision.
 
@@ -85,10 +85,12 @@ def auto_splits(k_blocks: int, n_blocks: int, *, num_sms: int = NUM_SMS) -> int:
     return _cdiv(k_blocks, _cdiv(k_blocks, want))
 
 
-def stacked_matmul_reference(x, w, layer) -> jax.Array:
-    """The definition in plain JAX (float32 products and sums): ``x @ w[layer]`` in x's dtype."""
+def stacked_matmul_reference(x, w, layer, out_dtype=None) -> jax.Array:
+    """The definition in plain JAX (float32 products and sums): ``x @ w[layer]`` in
+    ``out_dtype`` (default x's)."""
     wl = lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
-    return jnp.dot(x, wl, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = jnp.dot(x, wl, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
 
 
 def _kernel(layer_ref, x_ref, w_ref, p_ref, *, M: int, Mp: int, L: int, nk: int, per: int, block_n: int,
@@ -117,11 +119,12 @@ def _kernel(layer_ref, x_ref, w_ref, p_ref, *, M: int, Mp: int, L: int, nk: int,
     plgpu.store(p_ref.at[s, rows, cols], acc, mask=jnp.broadcast_to(live, (Mp, bn)))
 
 
-def stacked_matmul(x, w, layer, *, interpret: bool = False, block_n: int | None = None, block_k: int | None = None,
-                   splits: int | None = None, num_warps: int | None = None,
+def stacked_matmul(x, w, layer, *, out_dtype=None, interpret: bool = False, block_n: int | None = None,
+                   block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None) -> jax.Array:
     """``x [M, K] @ w[layer]`` for a stack ``w [L, K, N]``, reading layer ``layer`` (int32,
-    traced, clamped to [0, L)) in place: [M, N] in x's dtype, float32 accumulation.
+    traced, clamped to [0, L)) in place: [M, N] in ``out_dtype`` (default x's dtype), float32
+    accumulation.
 
     ``block_n`` output columns and ``block_k`` inputs per block (default: the largest powers of
     two up to 128 dividing N and K); ``splits`` programs share each column block's K
@@ -158,12 +161,14 @@ def stacked_matmul(x, w, layer, *, interpret: bool = False, block_n: int | None 
     for name, size in (("x", x.size), ("the partials [splits, M, N]", splits * M * N)):
         if size >= 2**31:
             raise ValueError(f"stacked_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
-    return _call(x, w, jnp.asarray(layer, jnp.int32).reshape(1), block_n=block_n, block_k=block_k, splits=splits,
-                 num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, interpret=interpret)
+    return _call(x, w, jnp.asarray(layer, jnp.int32).reshape(1), out_dtype=jnp.dtype(out_dtype or x.dtype),
+                 block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps or NUM_WARPS,
+                 num_stages=num_stages or NUM_STAGES, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
-def _call(x, w, layer, *, block_n, block_k, splits, num_warps, num_stages, interpret):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def _call(x, w, layer, *, out_dtype, block_n, block_k, splits, num_warps, num_stages, interpret):
     (M, K), (L, _, N) = x.shape, w.shape
     nk = K // block_k
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
@@ -177,4 +182,4 @@ def _call(x, w, layer, *, block_n, block_k, splits, num_warps, num_stages, inter
         compiler_params=params,
         name="stacked_matmul",
     )(layer, x, w)
-    return partials.sum(0).astype(x.dtype)
+    return partials.sum(0).astype(out_dtype)

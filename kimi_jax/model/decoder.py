@@ -45,15 +45,16 @@ leading ``layers`` axis in the weights' metadata."""
 
 
 
-IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The attention and dense-MLP projections a cached step reads from a run's stack in place."""
+IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                        "up_proj", "down_proj", "gate/weight")
+"""The projections a cached step reads from a run's stack in place: attention's, the dense
+MLPs', the shared experts' and the router's (``gate/weight``: a path's last names)."""
 
 
 def in_place_weight(path: tuple, value) -> bool:
-    """An ``nnx`` filter: the weights of :data:`IN_PLACE_PROJECTIONS` outside the routed experts
-    (the shared experts' and the dense MLPs')."""
+    """An ``nnx`` filter: the weights of :data:`IN_PLACE_PROJECTIONS` outside the routed experts."""
     names = tuple(str(p) for p in path)
-    return names[-1] in IN_PLACE_PROJECTIONS and "experts" not in names
+    return (names[-1] in IN_PLACE_PROJECTIONS or "/".join(names[-2:]) in IN_PLACE_PROJECTIONS) and "experts" not in names
 
 
 def per_layer(cfg: TextConfig, tree: dict) -> dict:

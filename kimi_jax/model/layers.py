@@ -61,28 +61,39 @@ def weight(
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, layer: jax.Array | None = None, *,
-            interpret: bool = False) -> jax.Array:
+            out_dtype: jnp.dtype | None = None, interpret: bool = False) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` for a projection that contracts x's last axes with w's first
     ones, in order (``"btd,dq->btq"``, ``"...d,df->...f"``).
 
     ``w`` may be a run's whole stack ``[L, *w's axes]`` (one more axis than ``spec`` names;
     ``TextModel`` passes the big projections of a cached step so): layer ``layer`` of it is
     used, read in place on NVIDIA GPUs by ``kimi_jax.kernels.stacked_matmul`` where it takes
-    the shapes (a decode step's few rows), sliced out elsewhere. ``interpret=True`` runs the
-    kernel in Pallas' interpreter on any platform (tests).
+    the shapes (a decode step's few rows), sliced out elsewhere. ``out_dtype=jnp.float32``
+    gives float32 results of float32 products (``x`` and ``w`` taken to float32, as the
+    router's reference; the kernel's bf16 products are exact in float32 and summed in it);
+    default: x's dtype. ``interpret=True`` runs the kernel in Pallas' interpreter on any
+    platform (tests).
     """
     w_axes = spec.split("->")[0].split(",")[1]
+    full = out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32
+
+    def einsum(x, w):
+        if not full:
+            return jnp.einsum(spec, x, w)
+        return jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
     if w.ndim == len(w_axes):
-        return jnp.einsum(spec, x, w)
+        return einsum(x, w)
 
     def sliced(x, w, layer):
-        return jnp.einsum(spec, x, layer_of(w, layer))
+        return einsum(x, layer_of(w, layer))
 
     n = sum(c in w_axes for c in spec.split(",")[0])  # contracted axes
     M, K, N = math.prod(x.shape[:-n]), math.prod(x.shape[-n:]), math.prod(w.shape[1 + n:])
 
     def in_place(x, w, layer):
-        y = stacked_matmul(x.reshape(M, K), w.reshape(w.shape[0], K, N), layer, interpret=interpret)
+        y = stacked_matmul(x.reshape(M, K), w.reshape(w.shape[0], K, N), layer, out_dtype=out_dtype,
+                           interpret=interpret)
         return y.reshape(*x.shape[:-n], *w.shape[1 + n:])
 
     return in_place_or_sliced(x, w, layer, sliced, in_place, fits=stacked_fits(M, K, N) and x.dtype == w.dtype,

@@ -67,9 +67,11 @@ class MLA(nnx.Module):
         H = self.cfg.qk_nope_head_dim
         return q[..., :H], apply_rope(q[..., H:], cos[:, :, None], sin[:, :, None])
 
-    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """What the compressed cache holds: normalized latent [B, S, C] and roped key [B, S, R]."""
-        kv = jnp.einsum("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...])
+    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """What the compressed cache holds: normalized latent [B, S, C] and roped key [B, S, R]
+        (``layer``: see :func:`~kimi_jax.model.layers.project`)."""
+        kv = project("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], layer)
         C = self.cfg.kv_lora_rank
         c_kv = rms_norm(kv[..., :C], self.kv_a_layernorm[...], QK_NORM_EPS)
         return c_kv, apply_rope(kv[..., C:], cos, sin)
@@ -227,7 +229,7 @@ class MLA(nnx.Module):
         Returns [B, T, D] and the updated cache.
         """
         q_nope, q_pe = self.queries(x, cos, sin, layer)
-        cache = cache.write(layer, positions, *self.latents(x, cos, sin), rows=rows)
+        cache = cache.write(layer, positions, *self.latents(x, cos, sin, layer), rows=rows)
         if valid is not None:
             positions = jnp.where(valid, positions, -1)
         attend = functools.partial(self._attend_cache_xla, absorbed=absorbed, key_block=key_block)

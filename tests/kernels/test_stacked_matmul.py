@@ -54,6 +54,10 @@ def test_bfloat16_matches_reference():
         out = _kernel(**kw)(x, w, jnp.int32(1))
         assert out.shape == (5, N) and out.dtype == jnp.bfloat16
         assert _rel(out, ref) < 1e-2 and _rel(out, exact) < 1e-2  # bf16 rounding of the output: ~2e-3
+    # float32 out: bf16 products are exact in float32, so only the order of the sums differs
+    out = _kernel(out_dtype=jnp.float32)(x, w, jnp.int32(1))
+    assert out.dtype == jnp.float32 and _rel(out, exact) < 1e-6
+    assert sm.stacked_matmul_reference(x, w, 1, jnp.float32).dtype == jnp.float32
 
 
 def test_reads_only_the_layer():

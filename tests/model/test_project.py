@@ -28,3 +28,16 @@ def test_a_stack_gives_its_layer(spec, x_shape, w_shape):
     # the in-place kernel's path (what NVIDIA GPUs run), in Pallas' interpreter
     got = project(spec, x, stack, jnp.int32(2), interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_output_is_the_router_reference():
+    """``out_dtype=float32`` (the router): bf16 inputs give the float32 einsum of their float32
+    values, whole, sliced from a stack, and in place by the kernel (its bf16 products are exact)."""
+    spec = "td,de->te"
+    x, stack = _draw(2, 3, 64).astype(jnp.bfloat16), _draw(3, 3, 64, 48).astype(jnp.bfloat16)
+    want = np.asarray(jnp.einsum(spec, x.astype(jnp.float32), stack[2].astype(jnp.float32), precision="highest"))
+    for got in (project(spec, x, stack[2], out_dtype=jnp.float32),
+                project(spec, x, stack, jnp.int32(2), out_dtype=jnp.float32),
+                project(spec, x, stack, jnp.int32(2), out_dtype=jnp.float32, interpret=True)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)

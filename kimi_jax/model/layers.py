@@ -23,7 +23,7 @@ from flax import nnx
 
 from kimi_jax.config.model import TextConfig, yarn_mscale
 from kimi_jax.kernels.stacked_matmul import fits as stacked_fits
-from kimi_jax.kernels.stacked_matmul import stacked_matmul
+from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmuls
 
 
 class Buffer(nnx.Variable):
@@ -98,6 +98,32 @@ def project(spec: str, x: jax.Array, w: jax.Array, layer: jax.Array | None = Non
 
     return in_place_or_sliced(x, w, layer, sliced, in_place, fits=stacked_fits(M, K, N) and x.dtype == w.dtype,
                               interpret=interpret)
+
+
+def projections(x: jax.Array, ws: Sequence[jax.Array], layer: jax.Array | None = None, *,
+                out_dtypes: Sequence[jnp.dtype | None] | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
+    """``project("...d,dn->...n", x, w, layer, out_dtype=...)`` for each weight of ``ws`` (each
+    [D, N_i], or a run's stack of them): projections of one input. Read in place they are one
+    launch of ``kimi_jax.kernels.stacked_matmul.stacked_matmuls`` (NVIDIA GPUs, where it takes
+    the shapes); elsewhere each is :func:`project`'s."""
+    out_dtypes = tuple(out_dtypes) if out_dtypes is not None else (None,) * len(ws)
+
+    def each(x, ws, layer):
+        return tuple(project("...d,dn->...n", x, w, layer, out_dtype=d) for w, d in zip(ws, out_dtypes, strict=True))
+
+    if layer is None or ws[0].ndim == 2:
+        return each(x, ws, layer)
+    M, K = math.prod(x.shape[:-1]), x.shape[-1]
+
+    def in_place(x, ws, layer):
+        ys = stacked_matmuls(x.reshape(M, K), ws, layer, out_dtypes=out_dtypes, interpret=interpret)
+        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
+
+    def sliced(x, ws, layer):
+        return each(x, tuple(layer_of(w, layer) for w in ws), None)
+
+    fits = all(stacked_fits(M, K, w.shape[-1]) and w.dtype == x.dtype and w.ndim == 3 for w in ws)
+    return in_place_or_sliced(x, tuple(ws), layer, sliced, in_place, fits=fits, interpret=interpret)
 
 
 def layer_of(w: jax.Array, layer: jax.Array) -> jax.Array:

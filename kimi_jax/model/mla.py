@@ -31,7 +31,7 @@ from kimi_jax.kernels.mla_decode import mla_decode
 from kimi_jax.kernels.stacked_heads import fits as stacked_heads_fits
 from kimi_jax.kernels.stacked_heads import stacked_heads_matmul
 from kimi_jax.model.cache import LayerCache
-from kimi_jax.model.layers import apply_rope, in_place_or_sliced, layer_of, project, rms_norm, weight
+from kimi_jax.model.layers import apply_rope, in_place_or_sliced, layer_of, project, projections, rms_norm, weight
 
 
 class MLA(nnx.Module):
@@ -60,10 +60,15 @@ class MLA(nnx.Module):
         :func:`~kimi_jax.model.layers.project`)."""
         if self.cfg.q_lora_rank is None:
             q = project("btd,dnk->btnk", x, self.q_proj[...], layer)
-        else:
-            qa = project("btd,dq->btq", x, self.q_a_proj[...], layer)
-            qa = rms_norm(qa, self.q_a_layernorm[...], QK_NORM_EPS)
-            q = project("btq,qnk->btnk", qa, self.q_b_proj[...], layer)
+            H = self.cfg.qk_nope_head_dim
+            return q[..., :H], apply_rope(q[..., H:], cos[:, :, None], sin[:, :, None])
+        return self._queries_from(project("btd,dq->btq", x, self.q_a_proj[...], layer), cos, sin, layer)
+
+    def _queries_from(self, qa: jax.Array, cos: jax.Array, sin: jax.Array,
+                      layer: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """:meth:`queries` from the q-LoRA down projection ``qa`` [B, T, Q]."""
+        qa = rms_norm(qa, self.q_a_layernorm[...], QK_NORM_EPS)
+        q = project("btq,qnk->btnk", qa, self.q_b_proj[...], layer)
         H = self.cfg.qk_nope_head_dim
         return q[..., :H], apply_rope(q[..., H:], cos[:, :, None], sin[:, :, None])
 
@@ -71,7 +76,10 @@ class MLA(nnx.Module):
                 layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """What the compressed cache holds: normalized latent [B, S, C] and roped key [B, S, R]
         (``layer``: see :func:`~kimi_jax.model.layers.project`)."""
-        kv = project("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], layer)
+        return self._latents_from(project("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], layer), cos, sin)
+
+    def _latents_from(self, kv: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """:meth:`latents` from the kv down projection ``kv`` [B, S, C + R]."""
         C = self.cfg.kv_lora_rank
         c_kv = rms_norm(kv[..., :C], self.kv_a_layernorm[...], QK_NORM_EPS)
         return c_kv, apply_rope(kv[..., C:], cos, sin)
@@ -228,8 +236,12 @@ class MLA(nnx.Module):
         cache has at most ``key_block`` slots, else block by block (:meth:`attend_cache`).
         Returns [B, T, D] and the updated cache.
         """
-        q_nope, q_pe = self.queries(x, cos, sin, layer)
-        cache = cache.write(layer, positions, *self.latents(x, cos, sin, layer), rows=rows)
+        if self.cfg.q_lora_rank is None:
+            (q_nope, q_pe), latents = self.queries(x, cos, sin, layer), self.latents(x, cos, sin, layer)
+        else:  # both down projections of x at once (one launch when read in place)
+            qa, kv = projections(x, (self.q_a_proj[...], self.kv_a_proj_with_mqa[...]), layer)
+            (q_nope, q_pe), latents = self._queries_from(qa, cos, sin, layer), self._latents_from(kv, cos, sin)
+        cache = cache.write(layer, positions, *latents, rows=rows)
         if valid is not None:
             positions = jnp.where(valid, positions, -1)
         attend = functools.partial(self._attend_cache_xla, absorbed=absorbed, key_block=key_block)

@@ -44,7 +44,7 @@ from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
-from kimi_jax.model.layers import Buffer, Quantized, project, weight
+from kimi_jax.model.layers import Buffer, Quantized, project, projections, weight
 from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
@@ -75,8 +75,11 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """``layer``: see :func:`~kimi_jax.model.layers.project` (weights passed as a run's stack)."""
         gate = project("...d,df->...f", x, self.gate_proj[...], layer)
-        h = jax.nn.silu(gate) * project("...d,df->...f", x, self.up_proj[...], layer)
-        return project("...f,fd->...d", h, self.down_proj[...], layer)
+        return self.down(gate, project("...d,df->...f", x, self.up_proj[...], layer), layer)
+
+    def down(self, gate: jax.Array, up: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """The rest of the MLP from the gate and up projections: ``down(silu(gate) * up)``."""
+        return project("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj[...], layer)
 
 
 class Router(nnx.Module):
@@ -95,7 +98,10 @@ class Router(nnx.Module):
         the sigmoid scores [T, E] (float32). The logits are float32 products of float32
         inputs, as the reference.
         """
-        logits = project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32)
+        return self.route(project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32))
+
+    def route(self, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """:meth:`__call__` from the float32 logits [T, E]."""
         scores = jax.nn.sigmoid(logits)
         weights, idx = select_experts(scores, self.e_score_correction_bias[...], self.cfg)
         return weights, idx, scores
@@ -403,7 +409,14 @@ class MoE(nnx.Module):
         ``kimi_jax.model.decoder``)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, idx, scores = self.gate(tokens, layer)
+        shared = self.shared_experts
+        if shared is None:
+            weights, idx, scores = self.gate(tokens, layer)
+        else:  # the projections of the tokens at once (one launch when read in place)
+            logits, shared_gate, shared_up = projections(
+                tokens, (self.gate.weight[...], shared.gate_proj[...], shared.up_proj[...]), layer,
+                out_dtypes=(jnp.float32, None, None))
+            weights, idx, scores = self.gate.route(logits)
         if self.capture:
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)
@@ -421,8 +434,8 @@ class MoE(nnx.Module):
             else:
                 per_expert = experts_grouped(self.experts, tokens, idx, int4_kernel(self.impl), layer)  # 0 past groups
                 routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(tokens, shared_layer)
+        if shared is not None:
+            routed = routed + shared.down(shared_gate, shared_up, shared_layer)
         return routed.reshape(shape)
 
     def _expert_parallel(self, tokens, idx, weights, mesh, layout, layer) -> jax.Array:

@@ -119,3 +119,24 @@ def test_fits_and_auto_splits():
     assert sm.auto_splits(28, 56) == 5  # N = 7168: 56 column blocks, 5 splits (about 2 x 132 programs)
     assert sm.auto_splits(32, 1) == 32  # capped at the K blocks
     assert sm.auto_splits(4, 600) == 1
+
+
+def test_several_stacks_in_one_launch():
+    """Stacks of different widths side by side: each output is its own stack's product, in its
+    own dtype; the other layers are NaN (never read)."""
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.standard_normal((3, K)), jnp.bfloat16)
+    ws = [jnp.asarray(rng.standard_normal((L, K, n)) / np.sqrt(K), jnp.bfloat16) for n in (48, 64, 16)]
+    poisoned = [jnp.where((jnp.arange(L) != 2)[:, None, None], jnp.nan, w) for w in ws]
+    run = jax.jit(functools.partial(sm.stacked_matmuls, interpret=True, splits=3, block_k=32,
+                                    out_dtypes=(jnp.float32, None, jnp.float32)), compiler_options=FAST)
+    outs = run(x, poisoned, jnp.int32(2))
+    assert [o.dtype for o in outs] == [jnp.float32, jnp.bfloat16, jnp.float32]
+    for out, w in zip(outs, ws, strict=True):
+        exact = jnp.dot(x.astype(jnp.float32), w[2].astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        assert _rel(out, exact) < (1e-6 if out.dtype == jnp.float32 else 1e-2)
+    with pytest.raises(ValueError, match="block_n = 32 .* dividing N = 48"):
+        sm.stacked_matmuls(x, ws, 0, block_n=32, interpret=True)
+    with pytest.raises(ValueError, match="stacks of 2 and 3 layers"):
+        sm.stacked_matmuls(x, [ws[0], ws[1][:2]], 0, interpret=True)

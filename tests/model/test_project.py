@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.model.layers import project
+from kimi_jax.model.layers import project, projections
 
 # The projections a cached step reads in place: q down / up, o_proj (two contracted axes), an MLP's.
 SPECS = [
@@ -41,3 +41,20 @@ def test_float32_output_is_the_router_reference():
                 project(spec, x, stack, jnp.int32(2), out_dtype=jnp.float32, interpret=True)):
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+def test_projections_of_one_input():
+    """Several projections of one input (the router's float32 logits, the shared experts' gate
+    and up): each equals its own ``project``, whole, sliced from stacks, and in one launch of
+    the in-place kernel."""
+    x = _draw(4, 2, 1, 64).astype(jnp.bfloat16)
+    stacks = [_draw(5 + i, 3, 64, n).astype(jnp.bfloat16) for i, n in enumerate((48, 32, 32))]
+    dtypes = (jnp.float32, None, None)
+    want = [project("btd,dn->btn", x, w[1], out_dtype=d) for w, d in zip(stacks, dtypes, strict=True)]
+    for got in (projections(x, [w[1] for w in stacks], out_dtypes=dtypes),
+                projections(x, stacks, jnp.int32(1), out_dtypes=dtypes),
+                projections(x, stacks, jnp.int32(1), out_dtypes=dtypes, interpret=True)):
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                       rtol=1e-6 if g.dtype == jnp.float32 else 1e-2, atol=1e-6)

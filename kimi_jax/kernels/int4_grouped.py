@@ -56,6 +56,13 @@ result differs from the reference by that rounding. Chosen by ``config=``: on an
 took the same 50-52 us per one-token projection as the planes kernel with about half the
 operations per weight, so the operation count is unlikely to bound either there.
 
+Prefetch (``Config.prefetch``, gemv). Triton's software pipelining (``num_stages``) is built
+around loads that feed dots; the one-row kernel has none, so each k-block's loads may wait
+out their whole latency before its arithmetic. With ``prefetch`` the loop carries the next
+k-block's words and scales, loaded before this block's arithmetic, so one load is in flight
+while the other is used. A hypothesis about the 50 us one-token projections (half the
+bandwidth) until a GPU sweep measures it; opt-in.
+
 Per-word scales (``Config.gather_scales``, planes and gemv). Both multiply a ``[block_n,
 block_k / 8]`` word tile by its groups' scales. By default the ``[block_n, block_k / 32]``
 scales are loaded as a block, then broadcast and reshaped to the words' shape in registers;
@@ -155,6 +162,7 @@ class Config:
     splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
     gemv: bool = False  # one row per tile, no matrix units: multiply-adds in registers (see _gemv)
     gather_scales: bool = False  # planes / gemv: per-word scales by a gathered load (see _word_scales)
+    prefetch: bool = False  # gemv: the next k-block's words and scales loaded before this one's arithmetic
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -202,11 +210,13 @@ def fit_config(cfg: Config, n: int, k: int) -> Config:
     """Shrink block_n / block_k to powers of two dividing ``out`` / ``in`` (planes need k-blocks
     of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes), and
     clamp ``splits`` to [1, in / block_k] (at most one k-block per program). ``gemv`` tiles
-    hold one row (block_m 1) and k-blocks of at least 32 inputs (one scale group)."""
+    hold one row (block_m 1) and k-blocks of at least 32 inputs (one scale group); ``prefetch``
+    applies to them only."""
     block_k = _pow2_divisor(k, cfg.block_k, GROUP)
     return dataclasses.replace(
         cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k,
         planes=cfg.planes and block_k >= 128 and not cfg.gemv, block_m=1 if cfg.gemv else cfg.block_m,
+        prefetch=cfg.prefetch and cfg.gemv,
         splits=max(1, min(int(cfg.splits), k // block_k)),
     )
 
@@ -267,7 +277,12 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     return acc
 
 
-def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw, gather):
+def _gemv_loads(q_ref, s_ref, e, n0, w0, bn, nw, gather):
+    """The words ``[bn, nw]`` of the k-block at word column ``w0`` and their scales (one per word)."""
+    return q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)], _word_scales(s_ref, e, n0, w0, bn, nw, gather)
+
+
+def _gemv(words, scales, x_ref, w0, row, nw):
     """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 partial sums, summed over k later.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
@@ -276,14 +291,13 @@ def _gemv(q_ref, s_ref, x_ref, e, n0, w0, row, bn, nw, gather):
     sum_j x_j) s``. The scale of word column c is that of its group, ``c // 4``. No matrix
     unit, so no operand shuffles: each thread keeps its words' sums in registers.
     """
-    words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
     acc = xsum = None
     for j in range(8):
         cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + j  # inputs 8 c + j
         xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
         d = _nibble(words, j) * xj
         acc, xsum = (d, xj) if acc is None else (acc + d, xsum + xj)
-    return (acc - 136.0 * xsum) * _word_scales(s_ref, e, n0, w0, bn, nw, gather).astype(jnp.float32)
+    return (acc - 136.0 * xsum) * scales.astype(jnp.float32)
 
 
 def _word_scales(s_ref, e, n0, w0, bn, nw, gather):
@@ -364,13 +378,23 @@ def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int,
         out = o_ref.at[s, pl.ds(row0, bm), pl.ds(n0, bn)]
 
     if cfg.gemv:  # one row: [bn, bk / 8] products in float32, summed over the words at the end
+        nw = bk // 8
+
+        def loads(kb):  # clamped: an empty split's first block, the block after the last
+            return _gemv_loads(q_ref, s_ref, stored, n0, jnp.minimum(kb, n_k - 1) * nw, bn, nw, cfg.gather_scales)
+
         @pl.when(expert >= 0)
         def _():
-            def body(kb, acc):
-                return acc + _gemv(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, bn, bk // 8,
-                                   cfg.gather_scales)
+            zeros = jnp.zeros((bn, nw), jnp.float32)
+            if cfg.prefetch:  # the next block's loads issued before this block's arithmetic
+                def body(kb, carry):
+                    acc, words, scales = carry
+                    ahead = loads(kb + 1)
+                    return acc + _gemv(words, scales, x_ref, kb * nw, rows, nw), *ahead
 
-            acc = lax.fori_loop(kb0, kb1, body, jnp.zeros((bn, bk // 8), jnp.float32))
+                acc = lax.fori_loop(kb0, kb1, body, (zeros, *loads(kb0)))[0]
+            else:
+                acc = lax.fori_loop(kb0, kb1, lambda kb, acc: acc + _gemv(*loads(kb), x_ref, kb * nw, rows, nw), zeros)
             plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
 
     else:

@@ -44,10 +44,12 @@ GEMV = ig.Config(block_n=16, block_k=64, gemv=True)  # fit_config makes its tile
 # The same with the per-word scales gathered in the words' shape instead of broadcast and reshaped
 PLANES_GATHER = dataclasses.replace(PLANES, gather_scales=True)
 GEMV_GATHER = dataclasses.replace(GEMV, gather_scales=True)
+GEMV_PREFETCH = dataclasses.replace(GEMV, prefetch=True)  # the next k-block loaded ahead
 
 
 @pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]]
-                         + [(g, GEMV) for g in GROUPS[:2]] + [(GROUPS[0], PLANES_GATHER), (GROUPS[1], GEMV_GATHER)])
+                         + [(g, GEMV) for g in GROUPS[:2]]
+                         + [(GROUPS[0], PLANES_GATHER), (GROUPS[1], GEMV_GATHER), (GROUPS[0], GEMV_PREFETCH)])
 def test_float32_matches_reference(groups, cfg):
     m = 41
     x, q, scales = _inputs(sum(groups), m, jnp.float32)
@@ -137,6 +139,7 @@ def test_default_config_fits_shapes():
     assert not ig.fit_config(ig.Config(block_k=256, planes=True), 48, 96).planes  # 32-input blocks: no planes
     gemv = ig.fit_config(ig.Config(block_n=64, block_k=256, gemv=True, planes=True), 2048, 7168)
     assert gemv.block_m == 1 and not gemv.planes  # one row per tile, no dots
+    assert not ig.fit_config(ig.Config(prefetch=True), 2048, 7168).prefetch  # the one-row kernel's only
 
 
 def test_rejects_mismatched_shapes():
@@ -177,6 +180,7 @@ SPLITS = [
     (ig.Config(block_m=16, block_n=16, block_k=128, planes=True, splits=5), 256, 2),  # n_k 2: clamped to 2
     (ig.Config(block_n=16, block_k=64, gemv=True, splits=3), 256, 3),  # n_k 4: 2 + 2 + 0 (empty)
     (ig.Config(block_n=16, block_k=64, gemv=True, splits=2, gather_scales=True), 384, 2),  # n_k 6: 3 + 3
+    (ig.Config(block_n=16, block_k=64, gemv=True, splits=3, prefetch=True), 256, 3),  # n_k 4: 2 + 2 + 0 (empty)
 ]
 
 

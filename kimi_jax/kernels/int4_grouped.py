@@ -310,7 +310,7 @@ def _word_scales(s_ref, e, n0, w0, bn, nw, gather):
     if gather:
         rows = n0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
         groups = (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) // 4
-        return plgpu.load(s_ref.at[e].at[rows, groups])
+        return plgpu.load(s_ref.at[e, rows, groups])
     s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)]  # [bn, nw / 4]
     return jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
 

@@ -2,6 +2,7 @@
 abstract meshes, and an exported step run again on the CPU against the live one."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,16 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ExportError, match="exported for tpu"):
         (tmp_path / "manifest.json").write_text(json.dumps({"platform": "tpu", "steps": {}}))
         ExportedSteps(tmp_path)
+
+
+def test_k25_exports_for_cuda_on_one_gpu(tmp_path):
+    """On one GPU the decode step reads every big weight in place: all the Pallas kernels pass
+    through the Triton lowering at K2.5's shapes (the PTX is compiled only on a GPU)."""
+    manifest = export_steps(kimi_jax.kimi_k25_config(), platform="cuda", mesh="gpu-1", out=tmp_path,
+                            steps=["decode"])
+    assert manifest["kernels"]["moe"]["kernel"] == "pallas"
+    module = jax.export.deserialize(bytearray((tmp_path / "decode.jax_export").read_bytes())).mlir_module()
+    kernels = set(re.findall(r'name = "([a-z0-9_]+)"', module))
+    assert {"stacked_matmul", "stacked_heads_fold", "stacked_heads_unfold", "mla_decode_split",
+            "mla_decode_combine"} <= kernels
+    assert any(k.startswith("int4_grouped_matmul") for k in kernels)

@@ -223,3 +223,30 @@ def test_split_k_config():
     cfg = ig.decode_split_config(8, 384, 2048, 7168, 4)
     assert cfg == dataclasses.replace(ig.default_config(8, 384, 2048, 7168), splits=4)
     assert ig.decode_split_config(8, 384, 2048, 7168, 1000).splits == 7168 // cfg.block_k
+
+
+def _lowered_for_cuda(fn, *args) -> str:
+    """``fn`` lowered for CUDA on this host: Pallas' Triton lowering runs (for an H100), the
+    PTX compilation does not (that needs a GPU)."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("cfg", [
+    ig.default_config(8, 384, 2048, 7168), ig.default_config(512, 384, 2048, 7168),
+    ig.default_config(32768, 384, 2048, 7168), ig.Config(block_n=128, block_k=256, gemv=True, splits=2),
+    ig.Config(block_n=64, block_k=256, planes=True, gather_scales=True),
+    ig.Config(block_n=128, block_k=256, gemv=True, splits=2, gather_scales=True),
+    ig.Config(block_n=128, block_k=256, gemv=True, splits=2, prefetch=True),
+    ig.Config(block_m=64, block_n=128, block_k=128, swap=False),
+], ids=lambda c: f"bm{c.block_m}-planes{c.planes}-gemv{c.gemv}-gather{c.gather_scales}-prefetch{c.prefetch}")
+def test_configs_lower_for_cuda(cfg):
+    """Every kind of config the sweep tries passes through the Triton lowering at K2.5's gate
+    sizes (a config the lowering refuses would fail only on the GPU otherwise)."""
+    S = jax.ShapeDtypeStruct
+    x = S((8, 7168), jnp.bfloat16)
+    q, s, g = S((384, 2048, 896), jnp.uint32), S((384, 2048, 224), jnp.bfloat16), S((384,), jnp.int32)
+    text = _lowered_for_cuda(lambda x, q, s, g: ig.int4_grouped_matmul(x, q, s, g, config=cfg), x, q, s, g)
+    assert "__gpu$xla.gpu.triton" in text

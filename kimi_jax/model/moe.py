@@ -74,8 +74,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """``layer``: see :func:`~kimi_jax.model.layers.project` (weights passed as a run's stack)."""
-        gate = project("...d,df->...f", x, self.gate_proj[...], layer)
-        return self.down(gate, project("...d,df->...f", x, self.up_proj[...], layer), layer)
+        return self.down(*projections(x, (self.gate_proj[...], self.up_proj[...]), layer), layer)
 
     def down(self, gate: jax.Array, up: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """The rest of the MLP from the gate and up projections: ``down(silu(gate) * up)``."""

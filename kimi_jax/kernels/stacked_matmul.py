@@ -27,7 +27,8 @@ per SM. float32 inputs use ``Precision.HIGHEST`` dots, bf16 the default precisio
 
 Several stacks (:func:`stacked_matmuls`: projections of one input, such as attention's q and
 kv down projections, or the router and the shared experts' gate and up) go into one launch:
-their column blocks side by side on the grid's first axis, one partials buffer, one sum.
+their column blocks side by side on the grid's first axis, one partials buffer, each output's sum
+over its own columns.
 
 Limits: 1 <= M <= 64 (:func:`fits`); ``block_n`` and ``block_k`` powers of two >= 16 dividing
 N and K (defaults: the largest such up to 128 and 128). x and the partials are held below 2^31
@@ -151,8 +152,8 @@ def stacked_matmuls(x, ws, layer, *, out_dtypes=None, interpret: bool = False, b
                     block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None) -> tuple[jax.Array, ...]:
     """:func:`stacked_matmul` of one ``x`` with several stacks ``ws`` (each ``[L, K, N_i]``, one
-    L, K and dtype), in one launch: their column blocks side by side in one grid, their
-    partials summed by one reduction. A tuple of ``[M, N_i]``, each in ``out_dtypes[i]``
+    L, K and dtype), in one launch: their column blocks side by side in one grid, one
+    partials buffer (each output sums its own columns). A tuple of ``[M, N_i]``, each in ``out_dtypes[i]``
     (None: x's dtype). ``block_n`` divides every N_i (default: the largest power of two up
     to 128 that does)."""
     ws = tuple(ws)
@@ -218,6 +219,6 @@ def _call(x, ws, layer, *, out_dtypes, block_n, block_k, splits, num_warps, num_
         compiler_params=params,
         name="stacked_matmul",
     )(layer, x, *ws)
-    total = partials.sum(0)
-    edges = np.cumsum([0, *Ns])
-    return tuple(total[:, a:b].astype(d) for a, b, d in zip(edges[:-1], edges[1:], out_dtypes, strict=True))
+    edges = np.cumsum([0, *Ns])  # each output sums its own columns: one reduction apiece, no slices after it
+    return tuple(partials[:, :, a:b].sum(0).astype(d) for a, b, d in zip(edges[:-1], edges[1:], out_dtypes,
+                                                                              strict=True))

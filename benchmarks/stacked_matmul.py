@@ -1,12 +1,14 @@
 """One layer's projection out of a stack of weights at K2.5 sizes: the in-place kernel against XLA.
 
-For each projection a cached decode step reads from a run's stack (q down / up, o_proj, the
-shared expert's gate / up / down) and a few row counts: us of
+For each projection a cached decode step reads from a run's stack (q and kv down, q up,
+o_proj, the router, the shared expert's gate / up / down) and a few row counts: us of
 ``kimi_jax.kernels.stacked_matmul`` and of XLA's ``x @ w[layer]`` (the slice, then the
 dot), each against the floor of reading the layer's weights once at the measured memory
 bandwidth, and the kernel's largest error relative to the reference. Then the same for MLA's
 ``kv_b_proj`` halves (``kimi_jax.kernels.stacked_heads``: fold the queries through the key half,
-unfold the output through the value half) against XLA's einsum over the sliced layer. All
+unfold the output through the value half) against XLA's einsum over the sliced layer. Then
+the projections of one input that a step reads in one launch (``stacked_matmuls``: q and kv
+down; the router with the shared expert's gate and up) against one launch apiece. All
 times are the GPU's busy time per call (from a profile: these kernels take a few to a hundred
 microseconds, about what one dispatch costs, so wall times would measure the host).
 
@@ -27,11 +29,14 @@ from floors import RESULTS, device_name, memory_bandwidth, record
 from kernel_times import device_seconds
 
 from kimi_jax.kernels.stacked_heads import stacked_heads_matmul, stacked_heads_reference
-from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
+from kimi_jax.kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference, stacked_matmuls
 
 # (name, K, N) of K2.5's projections as the kernel sees them (o_proj: heads x v_head inputs)
-SHAPES = [("q_a_proj", 7168, 1536), ("q_b_proj", 1536, 64 * 192), ("o_proj", 64 * 128, 7168),
-          ("shared gate / up", 7168, 2048), ("shared down", 2048, 7168)]
+SHAPES = [("q_a_proj", 7168, 1536), ("kv_a_proj_with_mqa", 7168, 576), ("q_b_proj", 1536, 64 * 192),
+          ("o_proj", 64 * 128, 7168), ("router", 7168, 384), ("shared gate / up", 7168, 2048),
+          ("shared down", 2048, 7168)]
+# projections of one input read in one launch: (name, K, their N)
+TOGETHER = [("q_a + kv_a", 7168, (1536, 576)), ("router + shared gate + up", 7168, (384, 2048, 2048))]
 # kv_b_proj [C, heads, nope + v] of K2.5, and its halves: (name, start, width, fold)
 KV_B = (512, 64, 256)
 HALVES = [("kv_b key half (fold)", 0, 128, True), ("kv_b value half (unfold)", 128, 128, False)]
@@ -69,6 +74,7 @@ def main() -> None:
                   f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
         del w
     heads(args, bw)
+    together(args, bw)
 
 
 def heads(args, bw: float) -> None:
@@ -97,6 +103,30 @@ def heads(args, bw: float) -> None:
                          bandwidth_tb_s=round(bw / 1e12, 3))
             print(f"| {name} | {M} | {us_kernel:.1f} | {row['kernel_floor_ratio']:.0%} | {us_xla:.1f} | "
                   f"{row['xla_floor_ratio']:.0%} | {error:.1e} |", flush=True)
+
+
+def together(args, bw: float) -> None:
+    """Projections of one input: one ``stacked_matmuls`` launch against a launch apiece."""
+    layer = jnp.int32(args.layers - 1)
+    print("| projections | rows | one launch us | one apiece us | floor us | max rel. error |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, K, Ns in TOGETHER:
+        ws = [jax.random.normal(jax.random.key(K + n + i), (args.layers, K, n), jnp.bfloat16) * 0.02
+              for i, n in enumerate(Ns)]
+        one = jax.jit(lambda x, ws, layer: stacked_matmuls(x, ws, layer))
+        apiece = jax.jit(lambda x, ws, layer: tuple(stacked_matmul(x, w, layer) for w in ws))
+        floor = K * sum(Ns) * 2 / bw
+        for M in args.rows:
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            error = max(float(np.abs(np.asarray(o, np.float32) - r).max() / np.abs(r).max())
+                        for o, r in zip(one(x, ws, layer), (np.asarray(stacked_matmul_reference(x, w, layer), np.float32)
+                                                            for w in ws), strict=True))
+            us_one, us_apiece = (1e6 * device_seconds(f, x, ws, layer)[0] for f in (one, apiece))
+            record(args.out, bench="stacked_matmuls", projections=name, rows=M, K=K, N=list(Ns),
+                   one_launch_device_us=round(us_one, 2), one_apiece_device_us=round(us_apiece, 2),
+                   floor_us=round(floor * 1e6, 2), max_rel_error=error, bandwidth_tb_s=round(bw / 1e12, 3))
+            print(f"| {name} | {M} | {us_one:.1f} | {us_apiece:.1f} | {floor * 1e6:.1f} | {error:.1e} |", flush=True)
+        del ws
 
 
 if __name__ == "__main__":

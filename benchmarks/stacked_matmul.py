@@ -118,9 +118,9 @@ def together(args, bw: float) -> None:
         floor = K * sum(Ns) * 2 / bw
         for M in args.rows:
             x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            refs = [np.asarray(stacked_matmul_reference(x, w, layer), np.float32) for w in ws]
             error = max(float(np.abs(np.asarray(o, np.float32) - r).max() / np.abs(r).max())
-                        for o, r in zip(one(x, ws, layer), (np.asarray(stacked_matmul_reference(x, w, layer), np.float32)
-                                                            for w in ws), strict=True))
+                        for o, r in zip(one(x, ws, layer), refs, strict=True))
             us_one, us_apiece = (1e6 * device_seconds(f, x, ws, layer)[0] for f in (one, apiece))
             record(args.out, bench="stacked_matmuls", projections=name, rows=M, K=K, N=list(Ns),
                    one_launch_device_us=round(us_one, 2), one_apiece_device_us=round(us_apiece, 2),

@@ -182,7 +182,8 @@ def stacked_matmuls(x, ws, layer, *, out_dtypes=None, interpret: bool = False, b
         for n in sizes:
             if given is None:
                 if _pow2_divisor(n, largest) is None:
-                    raise ValueError(f"stacked_matmul: {dim} = {n} is not divisible by 16 (blocks are powers of two >= 16)")
+                    raise ValueError(
+                        f"stacked_matmul: {dim} = {n} is not divisible by 16 (blocks are powers of two >= 16)")
             elif given < 16 or given & (given - 1) or n % given:
                 raise ValueError(f"stacked_matmul: {name} = {given} must be a power of two >= 16 dividing {dim} = {n}")
     block_n = block_n or min(_pow2_divisor(n, BLOCK_N) for n in Ns)

@@ -54,7 +54,8 @@ MLPs', the shared experts' and the router's (``gate/weight``: a path's last name
 def in_place_weight(path: tuple, value) -> bool:
     """An ``nnx`` filter: the weights of :data:`IN_PLACE_PROJECTIONS` outside the routed experts."""
     names = tuple(str(p) for p in path)
-    return (names[-1] in IN_PLACE_PROJECTIONS or "/".join(names[-2:]) in IN_PLACE_PROJECTIONS) and "experts" not in names
+    named = names[-1] in IN_PLACE_PROJECTIONS or "/".join(names[-2:]) in IN_PLACE_PROJECTIONS
+    return named and "experts" not in names
 
 
 def per_layer(cfg: TextConfig, tree: dict) -> dict:

@@ -34,6 +34,11 @@ expert's output dimension fills the matrix unit's M side). The out-tile axis is 
 one of the grid, so the programs that share a row tile of x run together and reuse it from
 L2, and for prefill the few row tiles of one expert read its weights close in time.
 
+Several weights of one shape (``int4_grouped_matmuls``: a SwiGLU's gate and up, which share
+their rows and schedule) run in one launch: the grid's first axis holds every weight's
+column tiles, side by side, and so does the output. One launch instead of two, and twice
+the programs for the GPU to keep busy at decode.
+
 Split-K (``Config.splits``; 1 is off). With few rows the grid is small (decode's 8 rows
 over 8 experts, 2048 outputs in 64-wide tiles: 256 working programs for 132 SMs, each streaming
 the whole ``in`` range), too few programs per SM to keep HBM busy. With ``splits = S > 1`` a
@@ -357,25 +362,45 @@ def _tile(g_ref, t, *, m: int, e: int, bm: int):
     return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
 
 
-def _kernel(g_ref, base_ref, x_ref, q_ref, s_ref, o_ref, *, cfg: Config, m: int, e: int, n_k: int, precision):
-    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    groups = bk // GROUP
+def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int, precision, n_tiles: int):
+    """Program ``(j, t[, s])``: row tile ``t`` times column tile ``j % n_tiles`` of weight
+    ``j // n_tiles`` (``refs``: each weight's words, then each one's scales, then the output,
+    the weights' columns side by side), over k-blocks of split ``s``."""
+    n_w = (len(refs) - 1) // 2
+    q_refs, s_refs, o_ref = refs[:n_w], refs[n_w:2 * n_w], refs[-1]
+    bm, bn = cfg.block_m, cfg.block_n
     j = pl.program_id(0)
     t = pl.program_id(1)
     expert, row0, row1 = _tile(g_ref, t, m=m, e=e, bm=bm)
-    stored = base_ref[0] + expert  # the expert's index in q / scales (a stacked run's layer offset)
-    n0 = pl.multiple_of(j * bn, bn)
-    rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    dtype = x_ref.dtype
     if cfg.splits == 1:
-        kb0, kb1 = 0, n_k
-        out = o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
+        kb0, kb1, split = 0, n_k, ()
     else:  # split-K: k-blocks [s * per, min((s + 1) * per, n_k)) into float32 partials[s] (may be empty: zeros)
         s = pl.program_id(2)
         per = -(-n_k // cfg.splits)
-        kb0 = s * per
-        kb1 = jnp.minimum(kb0 + per, n_k)
-        out = o_ref.at[s, pl.ds(row0, bm), pl.ds(n0, bn)]
+        kb0, kb1, split = s * per, jnp.minimum(s * per + per, n_k), (s,)
+    tile = functools.partial(_weight_tile, x_ref=x_ref, o_ref=o_ref, cfg=cfg, n_k=n_k, precision=precision,
+                             expert=expert, stored=base_ref[0] + expert, row0=row0, row1=row1, kb0=kb0, kb1=kb1,
+                             split=split)
+    if n_w == 1:
+        tile(q_refs[0], s_refs[0], n0=pl.multiple_of(j * bn, bn), col0=pl.multiple_of(j * bn, bn))
+        return
+    for i in range(n_w):
+        @pl.when(j // n_tiles == i)
+        def _(i=i):
+            n0 = pl.multiple_of((j - i * n_tiles) * bn, bn)
+            tile(q_refs[i], s_refs[i], n0=n0, col0=pl.multiple_of(i * n_tiles * bn + n0, bn))
+
+
+def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision, expert, stored, row0, row1, n0,
+                 col0, kb0, kb1, split):
+    """One program's tile: rows ``[row0, row1)`` of expert ``expert`` (its index ``stored`` in
+    q / scales) times the weight's outputs ``[n0, n0 + block_n)``, k-blocks ``[kb0, kb1)``,
+    stored at output columns ``col0`` (of partials ``split`` with split-K)."""
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    groups = bk // GROUP
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    dtype = x_ref.dtype
+    out = o_ref.at[(*split, pl.ds(row0, bm), pl.ds(col0, bn))]
 
     if cfg.gemv:  # one row: [bn, bk / 8] products in float32, summed over the words at the end
         nw = bk // 8
@@ -445,63 +470,93 @@ def int4_grouped_matmul(
     place (no slice is copied). ``interpret=True`` runs the same kernel body through Pallas'
     interpreter (CPU tests).
     """
+    return int4_grouped_matmuls(x, (q,), (scales,), group_sizes, config=config, interpret=interpret, layer=layer)[0]
+
+
+def int4_grouped_matmuls(
+    x: jax.Array,
+    qs,
+    scales,
+    group_sizes: jax.Array,
+    *,
+    config: Config | None = None,
+    interpret: bool = False,
+    layer: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """:func:`int4_grouped_matmul` of the same rows with several weights of one shape (a SwiGLU's
+    gate and up) in one launch: their column tiles side by side on the grid, one output (or
+    partials) buffer. A tuple of ``[M, out]``, one per weight of ``qs`` / ``scales``."""
+    qs, scales = tuple(qs), tuple(scales)
+    if not qs or len(qs) != len(scales):
+        raise ValueError(f"int4_grouped_matmul: {len(qs)} word arrays and {len(scales)} scale arrays")
+    if any(a.shape != qs[0].shape for a in qs) or any(a.shape != scales[0].shape for a in scales):
+        raise ValueError(f"int4_grouped_matmul: the weights differ in shape: {[a.shape for a in qs]}")
+    q, sc = qs[0], scales[0]
     base = jnp.zeros((1,), jnp.int32)
     if layer is not None:
-        if q.ndim != 4 or scales.ndim != 4:
-            raise ValueError(f"int4_grouped_matmul: with a layer, q {q.shape} / scales {scales.shape} must be [L, E, ...]")
+        if q.ndim != 4 or sc.ndim != 4:
+            raise ValueError(f"int4_grouped_matmul: with a layer, q {q.shape} / scales {sc.shape} must be [L, E, ...]")
         base = (jnp.asarray(layer, jnp.int32) * q.shape[1]).reshape(1)
-        q, scales = q.reshape(-1, *q.shape[2:]), scales.reshape(-1, *scales.shape[2:])  # free: [L * E, ...]
+        qs = tuple(a.reshape(-1, *a.shape[2:]) for a in qs)  # free: [L * E, ...]
+        scales = tuple(a.reshape(-1, *a.shape[2:]) for a in scales)
+        q, sc = qs[0], scales[0]
     m, k = x.shape
-    if q.dtype != jnp.uint32 or q.ndim != 3:
+    if q.dtype != jnp.uint32 or q.ndim != 3 or any(a.dtype != jnp.uint32 for a in qs):
         raise ValueError(f"int4_grouped_matmul: q must be uint32 words [E, out, in/8], got {q.dtype} {q.shape}")
     e, n, kw = q.shape
     if layer is not None:
         e = group_sizes.shape[0]
     if kw * 8 != k:
         raise ValueError(f"int4_grouped_matmul: q {q.shape} (8 inputs per word) does not match x {x.shape}")
-    if k % GROUP or scales.shape != (q.shape[0], n, k // GROUP):
-        raise ValueError(f"int4_grouped_matmul: scales {scales.shape} do not match q {q.shape} (one per {GROUP})")
+    if k % GROUP or sc.shape != (q.shape[0], n, k // GROUP):
+        raise ValueError(f"int4_grouped_matmul: scales {sc.shape} do not match q {q.shape} (one per {GROUP})")
     if group_sizes.shape != (e,):
         raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
-    for name, size in (("x", x.size), ("the output", m * n)):  # q and scales (a whole stack): 64-bit offsets past 4 GiB
+    width = len(qs) * n
+    for name, size in (("x", x.size), ("the output", m * width)):  # q, scales (a whole stack): 64-bit offsets past 4 GiB
         if size >= 2**31:
             raise ValueError(f"int4_grouped_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
-    if cfg.splits * m * n >= 2**31:
-        raise ValueError(f"int4_grouped_matmul: {cfg.splits} split-K partials of [{m}, {n}] exceed 2^31 - 1 elements")
-    return _call(x, q, scales, group_sizes, base, cfg=cfg, interpret=interpret)
+    if cfg.splits * m * width >= 2**31:
+        raise ValueError(f"int4_grouped_matmul: {cfg.splits} split-K partials of [{m}, {width}] exceed 2^31 - 1 "
+                         "elements")
+    return _call(x, qs, scales, group_sizes, base, cfg=cfg, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _call(x, q, scales, group_sizes, base, *, cfg: Config, interpret: bool):
+def _call(x, qs, scales, group_sizes, base, *, cfg: Config, interpret: bool):
     m, k = x.shape
-    e, n = group_sizes.shape[0], q.shape[1]
+    e, n, n_w = group_sizes.shape[0], qs[0].shape[1], len(qs)
     t_max = max_row_tiles(m, e, cfg.block_m)
     # Unless planes or gemv: a view that keeps one scale group (4 words) on its own axis (a free reshape).
-    qv = q if cfg.planes or cfg.gemv else q.reshape(q.shape[0], n, k // GROUP, GROUP // 8)
+    if not (cfg.planes or cfg.gemv):
+        qs = tuple(q.reshape(q.shape[0], n, k // GROUP, GROUP // 8) for q in qs)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision)
+    n_tiles = n // cfg.block_n
+    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision, n_tiles=n_tiles)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    operands = (group_sizes.astype(jnp.int32), base, x, *qs, *scales)
     if cfg.splits == 1:
-        return pl.pallas_call(
+        out = pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-            grid=(n // cfg.block_n, t_max),
+            out_shape=jax.ShapeDtypeStruct((m, n_w * n), x.dtype),
+            grid=(n_w * n_tiles, t_max),
             interpret=interpret,
             compiler_params=compiler_params,
             name="int4_grouped_matmul",
-        )(group_sizes.astype(jnp.int32), base, x, qv, scales)
+        )(*operands)
+        return tuple(out[:, i * n:(i + 1) * n] for i in range(n_w))
     partials = pl.pallas_call(  # split-K: float32 [splits, M, N], summed after the kernel
         kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.splits, m, n), jnp.float32),
-        grid=(n // cfg.block_n, t_max, cfg.splits),
+        out_shape=jax.ShapeDtypeStruct((cfg.splits, m, n_w * n), jnp.float32),
+        grid=(n_w * n_tiles, t_max, cfg.splits),
         interpret=interpret,
         compiler_params=compiler_params,
         name="int4_grouped_matmul_splitk",
-    )(group_sizes.astype(jnp.int32), base, x, qv, scales)
-    return partials.sum(0).astype(x.dtype)
+    )(*operands)
+    return tuple(partials[:, :, i * n:(i + 1) * n].sum(0).astype(x.dtype) for i in range(n_w))
 
 
 def expert_bytes(q: jax.Array, scales: jax.Array, group_sizes: Any) -> int:

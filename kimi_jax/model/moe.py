@@ -42,7 +42,7 @@ from flax import nnx, traverse_util
 from kimi_jax.config.model import TextConfig
 from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.grouped import ragged_dot
-from kimi_jax.kernels.int4_grouped import int4_grouped_matmul
+from kimi_jax.kernels.int4_grouped import int4_grouped_matmul, int4_grouped_matmuls
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.model.layers import Buffer, Quantized, project, projections, weight
 from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
@@ -282,7 +282,8 @@ def lowered_int4_kernel(impl: str, platform: str, d_model: int, d_hidden: int) -
 def _reference_grad(kernel, x, q, scales, sizes, layer):
     """``kernel(x, q, scales, sizes, layer=layer)`` differentiated like the reference path (the
     Pallas kernels have no autodiff rule): the gradient reaches x only, as the INT4 weights
-    are never trained."""
+    are never trained. ``q`` and ``scales`` may be tuples of several weights' (the kernel then
+    gives a tuple of outputs)."""
     return kernel(x, q, scales, sizes, layer=layer)
 
 
@@ -292,9 +293,16 @@ def _reference_grad_fwd(kernel, x, q, scales, sizes, layer):
 
 def _reference_grad_bwd(kernel, residuals, g):
     x, q, scales, sizes, layer = residuals
+    many = isinstance(q, tuple)  # several weights (int4_grouped_matmuls): a tuple of outputs
+    qs, ss = (q, scales) if many else ((q,), (scales,))
     if layer is not None:
-        q, scales = q[layer], scales[layer]
-    _, vjp = jax.vjp(lambda x: int4_ragged_dot(x, q, scales, sizes, INT4_GROUP_SIZE), x)
+        qs, ss = tuple(a[layer] for a in qs), tuple(a[layer] for a in ss)
+
+    def reference(x):
+        ys = tuple(int4_ragged_dot(x, a, b, sizes, INT4_GROUP_SIZE) for a, b in zip(qs, ss, strict=True))
+        return ys if many else ys[0]
+
+    _, vjp = jax.vjp(reference, x)
     return (*vjp(g), None, None, None, None)
 
 
@@ -320,7 +328,13 @@ def _swiglu_int4(w: dict, rows: jax.Array, sizes: jax.Array, layer: jax.Array | 
     def matmul(x, proj):
         return _reference_grad(fused, x, proj["q"], proj["scales"], sizes, layer)
 
-    return matmul(jax.nn.silu(matmul(rows, w["gate_proj"])) * matmul(rows, w["up_proj"]), w["down_proj"])
+    gate, up = w["gate_proj"], w["up_proj"]
+    if kernel == "pallas":  # gate and up in one launch
+        pair = functools.partial(int4_grouped_matmuls, interpret=interpret)
+        h = _reference_grad(pair, rows, (gate["q"], up["q"]), (gate["scales"], up["scales"]), sizes, layer)
+    else:
+        h = matmul(rows, gate), matmul(rows, up)
+    return matmul(jax.nn.silu(h[0]) * h[1], w["down_proj"])
 
 
 def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, layer: jax.Array | None = None) -> jax.Array:

@@ -250,3 +250,36 @@ def test_configs_lower_for_cuda(cfg):
     q, s, g = S((384, 2048, 896), jnp.uint32), S((384, 2048, 224), jnp.bfloat16), S((384,), jnp.int32)
     text = _lowered_for_cuda(lambda x, q, s, g: ig.int4_grouped_matmul(x, q, s, g, config=cfg), x, q, s, g)
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("cfg", [PLANES, GEMV, dataclasses.replace(GEMV, splits=2), SMALL])
+def test_several_weights_in_one_launch(cfg):
+    """A SwiGLU's gate and up in one launch: each output is its own weight's product (the
+    rows past the sum zeros), also for a layer of stacked experts read in place."""
+    groups = [3, 0, 17, 0, 5, 0]
+    m = 29
+    x, q1, s1 = _inputs(40, m, jnp.float32)
+    _, q2, s2 = _inputs(41, m, jnp.float32)
+    gs = jnp.asarray(groups, jnp.int32)
+    outs = ig.int4_grouped_matmuls(x, (q1, q2), (s1, s2), gs, config=cfg, interpret=True)
+    for y, q, s in zip(outs, (q1, q2), (s1, s2), strict=True):
+        assert y.shape == (m, N) and y.dtype == jnp.float32
+        assert _rel(y, int4_ragged_dot(x, q, s, gs)) < 1e-5
+        np.testing.assert_array_equal(np.asarray(y)[sum(groups):], 0.0)
+    stacked = ig.int4_grouped_matmuls(x, (jnp.stack([q2, q1]), jnp.stack([q1, q2])),
+                                      (jnp.stack([s2, s1]), jnp.stack([s1, s2])), gs, config=cfg, interpret=True,
+                                      layer=jnp.int32(1))
+    for y, want in zip(stacked, outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    with pytest.raises(ValueError, match="differ in shape"):
+        ig.int4_grouped_matmuls(x, (q1, q2[:, :16]), (s1, s2[:, :16]), gs, interpret=True)
+
+
+def test_gate_and_up_lower_for_cuda():
+    S = jax.ShapeDtypeStruct
+    x, g = S((8, 7168), jnp.bfloat16), S((384,), jnp.int32)
+    q, s = S((4, 384, 2048, 896), jnp.uint32), S((4, 384, 2048, 224), jnp.bfloat16)
+    text = _lowered_for_cuda(lambda x, q1, q2, s1, s2, g: ig.int4_grouped_matmuls(x, (q1, q2), (s1, s2), g,
+                                                                                layer=jnp.int32(2)),
+                             x, q, q, s, s, g)
+    assert "__gpu$xla.gpu.triton" in text and "int4_grouped_matmul" in text

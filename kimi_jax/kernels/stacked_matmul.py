@@ -21,9 +21,9 @@ block_k] (Mp: M rounded up to a power of two >= 16, as Triton's dots want; rows 
 masked to zeros) and ``w[layer]`` [block_k, block_n], and accumulates their dot in float32
 [Mp, block_n]. It stores its rows below M to ``partials[s]``, float32 [splits, M, N]; the
 partials are summed over the splits outside the kernel (deterministic, no atomics) and cast
-to the output dtype. With M small one program's dot is tiny, so bandwidth comes from many programs
-streaming the weights: the default ``splits`` (:func:`auto_splits`) makes about two programs
-per SM. float32 inputs use ``Precision.HIGHEST`` dots, bf16 the default precision.
+to the output dtype. With M small one program's dot is tiny, so bandwidth comes from many
+programs streaming the weights: the default ``splits`` (:func:`auto_splits`) makes about two
+programs per SM. float32 inputs use ``Precision.HIGHEST`` dots, bf16 the default precision.
 
 Several stacks (:func:`stacked_matmuls`: projections of one input, such as attention's q and
 kv down projections, or the router and the shared experts' gate and up) go into one launch:
@@ -115,21 +115,25 @@ def _kernel(layer_ref, x_ref, *refs, M: int, Mp: int, L: int, nk: int, per: int,
     live = rows < M
     cols = pl.multiple_of(j * bn, bn) + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
 
+    def column_block(w_ref, n0):
+        def body(kb, acc):
+            k0 = pl.multiple_of(kb * bk, bk)
+            ks = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+            xk = plgpu.load(x_ref.at[rows, ks], mask=jnp.broadcast_to(live, (Mp, bk)), other=0)
+            wk = plgpu.load(w_ref.at[layer, pl.ds(k0, bk), pl.ds(n0, bn)])
+            return acc + lax.dot_general(xk, wk, (((1,), (0,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
+
+        acc = lax.fori_loop(lo, hi, body, jnp.zeros((Mp, bn), jnp.float32))  # no blocks (lo >= nk): zeros
+        plgpu.store(p_ref.at[s, rows, cols], acc, mask=jnp.broadcast_to(live, (Mp, bn)))
+
+    if len(w_refs) == 1:
+        column_block(w_refs[0], pl.multiple_of(j * bn, bn))
+        return
     for i, w_ref in enumerate(w_refs):
         @pl.when((j >= starts[i]) & (j < starts[i + 1]))
         def _(w_ref=w_ref, first=starts[i]):
-            n0 = pl.multiple_of((j - first) * bn, bn)
-
-            def body(kb, acc):
-                k0 = pl.multiple_of(kb * bk, bk)
-                ks = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-                xk = plgpu.load(x_ref.at[rows, ks], mask=jnp.broadcast_to(live, (Mp, bk)), other=0)
-                wk = plgpu.load(w_ref.at[layer, pl.ds(k0, bk), pl.ds(n0, bn)])
-                return acc + lax.dot_general(xk, wk, (((1,), (0,)), ((), ())), precision=precision,
-                                             preferred_element_type=jnp.float32)
-
-            acc = lax.fori_loop(lo, hi, body, jnp.zeros((Mp, bn), jnp.float32))  # no blocks (lo >= nk): zeros
-            plgpu.store(p_ref.at[s, rows, cols], acc, mask=jnp.broadcast_to(live, (Mp, bn)))
+            column_block(w_ref, pl.multiple_of((j - first) * bn, bn))
 
 
 def stacked_matmul(x, w, layer, *, out_dtype=None, interpret: bool = False, block_n: int | None = None,
@@ -153,8 +157,8 @@ def stacked_matmuls(x, ws, layer, *, out_dtypes=None, interpret: bool = False, b
                     num_stages: int | None = None) -> tuple[jax.Array, ...]:
     """:func:`stacked_matmul` of one ``x`` with several stacks ``ws`` (each ``[L, K, N_i]``, one
     L, K and dtype), in one launch: their column blocks side by side in one grid, one
-    partials buffer (each output sums its own columns). A tuple of ``[M, N_i]``, each in ``out_dtypes[i]``
-    (None: x's dtype). ``block_n`` divides every N_i (default: the largest power of two up
+    partials buffer (each output sums its own columns). A tuple of ``[M, N_i]``, each in
+    ``out_dtypes[i]`` (None: x's dtype). ``block_n`` divides every N_i (default: the largest power of two up
     to 128 that does)."""
     ws = tuple(ws)
     out_dtypes = tuple(out_dtypes) if out_dtypes is not None else (None,) * len(ws)

@@ -39,6 +39,15 @@ their rows and schedule) run in one launch: the grid's first axis holds every we
 column tiles, side by side, and so does the output. One launch instead of two, and twice
 the programs for the GPU to keep busy at decode.
 
+Per-row mode (``int4_rows_matmuls``). Decoding one sequence gives 8 rows, one per chosen
+expert, all distinct. Grouping them costs work of its own: a sort (or rank) of the ids, a
+gather of the rows into expert order, a gather of the outputs back, and every program's
+schedule prologue above, a few scans over the ``[E]`` group sizes before its first weight
+load. In per-row mode ``g_ref`` holds each row's expert id instead: program ``(j, r)`` reads
+one id and streams that expert's weights against x row ``r // fanout`` (the ``fanout`` top-k
+copies of a token share its x row, so x is never gathered either). One-row (``gemv``) tiles
+only; rows sharing an expert each read it, so it suits a token or two, not a batch.
+
 Split-K (``Config.splits``; 1 is off). With few rows the grid is small (decode's 8 rows
 over 8 experts, 2048 outputs in 64-wide tiles: 256 working programs for 132 SMs, each streaming
 the whole ``in`` range), too few programs per SM to keep HBM busy. With ``splits = S > 1`` a
@@ -362,16 +371,27 @@ def _tile(g_ref, t, *, m: int, e: int, bm: int):
     return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
 
 
-def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int, precision, n_tiles: int):
+def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int, precision, n_tiles: int,
+            fanout: int | None):
     """Program ``(j, t[, s])``: row tile ``t`` times column tile ``j % n_tiles`` of weight
     ``j // n_tiles`` (``refs``: each weight's words, then each one's scales, then the output,
-    the weights' columns side by side), over k-blocks of split ``s``."""
+    the weights' columns side by side), over k-blocks of split ``s``.
+
+    ``g_ref`` holds the group sizes (``fanout`` None: rows grouped by expert, tiles from
+    ``_tile``) or each row's expert id (per-row mode: tile ``t`` is row ``t`` alone, reading x
+    row ``t // fanout``; an id outside ``[0, E)`` makes a zero row)."""
     n_w = (len(refs) - 1) // 2
     q_refs, s_refs, o_ref = refs[:n_w], refs[n_w:2 * n_w], refs[-1]
     bm, bn = cfg.block_m, cfg.block_n
     j = pl.program_id(0)
     t = pl.program_id(1)
-    expert, row0, row1 = _tile(g_ref, t, m=m, e=e, bm=bm)
+    if fanout is None:
+        expert, row0, row1 = _tile(g_ref, t, m=m, e=e, bm=bm)
+        x_row0 = row0
+    else:
+        ident = g_ref[t]
+        expert = jnp.where(jnp.logical_and(ident >= 0, ident < e), ident, -1)
+        row0, row1, x_row0 = t, t + 1, t // fanout
     if cfg.splits == 1:
         kb0, kb1, split = 0, n_k, ()
     else:  # split-K: k-blocks [s * per, min((s + 1) * per, n_k)) into float32 partials[s] (may be empty: zeros)
@@ -379,8 +399,8 @@ def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int
         per = -(-n_k // cfg.splits)
         kb0, kb1, split = s * per, jnp.minimum(s * per + per, n_k), (s,)
     tile = functools.partial(_weight_tile, x_ref=x_ref, o_ref=o_ref, cfg=cfg, n_k=n_k, precision=precision,
-                             expert=expert, stored=base_ref[0] + expert, row0=row0, row1=row1, kb0=kb0, kb1=kb1,
-                             split=split)
+                             expert=expert, stored=base_ref[0] + expert, row0=row0, row1=row1, x_row0=x_row0,
+                             kb0=kb0, kb1=kb1, split=split)
     if n_w == 1:
         tile(q_refs[0], s_refs[0], n0=pl.multiple_of(j * bn, bn), col0=pl.multiple_of(j * bn, bn))
         return
@@ -391,11 +411,12 @@ def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int
             tile(q_refs[i], s_refs[i], n0=n0, col0=pl.multiple_of(i * n_tiles * bn + n0, bn))
 
 
-def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision, expert, stored, row0, row1, n0,
-                 col0, kb0, kb1, split):
+def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision, expert, stored, row0, row1,
+                 x_row0, n0, col0, kb0, kb1, split):
     """One program's tile: rows ``[row0, row1)`` of expert ``expert`` (its index ``stored`` in
     q / scales) times the weight's outputs ``[n0, n0 + block_n)``, k-blocks ``[kb0, kb1)``,
-    stored at output columns ``col0`` (of partials ``split`` with split-K)."""
+    stored at output columns ``col0`` (of partials ``split`` with split-K). The rows' inputs
+    are x's rows from ``x_row0`` (``row0`` but in per-row mode, which runs one-row tiles)."""
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups = bk // GROUP
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
@@ -404,6 +425,7 @@ def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision
 
     if cfg.gemv:  # one row: [bn, bk / 8] products in float32, summed over the words at the end
         nw = bk // 8
+        x_rows = x_row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
 
         def loads(kb):  # clamped: an empty split's first block, the block after the last
             return _gemv_loads(q_ref, s_ref, stored, n0, jnp.minimum(kb, n_k - 1) * nw, bn, nw, cfg.gather_scales)
@@ -415,11 +437,12 @@ def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision
                 def body(kb, carry):
                     acc, words, scales = carry
                     ahead = loads(kb + 1)
-                    return acc + _gemv(words, scales, x_ref, kb * nw, rows, nw), *ahead
+                    return acc + _gemv(words, scales, x_ref, kb * nw, x_rows, nw), *ahead
 
                 acc = lax.fori_loop(kb0, kb1, body, (zeros, *loads(kb0)))[0]
             else:
-                acc = lax.fori_loop(kb0, kb1, lambda kb, acc: acc + _gemv(*loads(kb), x_ref, kb * nw, rows, nw), zeros)
+                acc = lax.fori_loop(kb0, kb1, lambda kb, acc: acc + _gemv(*loads(kb), x_ref, kb * nw, x_rows, nw),
+                                    zeros)
             plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
 
     else:
@@ -486,58 +509,123 @@ def int4_grouped_matmuls(
     """:func:`int4_grouped_matmul` of the same rows with several weights of one shape (a SwiGLU's
     gate and up) in one launch: their column tiles side by side on the grid, one output (or
     partials) buffer. A tuple of ``[M, out]``, one per weight of ``qs`` / ``scales``."""
+    x, qs, scales, base, e = _operands("int4_grouped_matmul", x, qs, scales, layer)
+    m, k = x.shape
+    n = qs[0].shape[1]
+    if group_sizes.shape != (e,):
+        raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
+    cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
+    _check_outputs("int4_grouped_matmul", m, len(qs) * n, cfg)
+    return _call(x, qs, scales, group_sizes, base, cfg=cfg, interpret=interpret, fanout=None, e=e)
+
+
+def rows_config(n: int, k: int) -> Config:
+    """The per-row kernel's config for a weight ``[out n, in k]``: the one-row tiles that won
+    the H100 sweep at one token (``benchmarks/RESULTS.md``): 128 x 256 tiles, 8 warps, split-K
+    in two for inputs of 4096 and more (K2.5's gate / up); 64 x 256, 4 warps otherwise."""
+    wide = k >= 4096
+    return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
+                             gemv=True, splits=2 if wide else 1), n, k)
+
+
+def int4_rows_matmuls(
+    x: jax.Array,
+    qs,
+    scales,
+    experts: jax.Array,
+    *,
+    fanout: int = 1,
+    config: Config | None = None,
+    interpret: bool = False,
+    layer: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """Per-row INT4 matmuls: ``y[r] = x[r // fanout] @ W[experts[r]].T`` for each weight of
+    ``qs`` / ``scales`` (as :func:`int4_grouped_matmuls`), in one launch.
+
+    For a few rows (decoding a token or two): no rows are sorted or gathered by expert and no
+    schedule is derived; each program reads its row's expert id and streams that expert's
+    weights. A row whose id is outside ``[0, E)`` (an idle slot's) reads nothing and is zeros.
+    Rows sharing an expert each read its weights, so for many rows the grouped kernel, which
+    reads each expert once, is the one to use. ``x`` ``[M / fanout, in]`` (a token's
+    ``fanout`` = top-k copies share its row); ``experts`` int ``[M]``; ``layer`` as
+    :func:`int4_grouped_matmul`. ``config`` must be one-row (``gemv``); default
+    :func:`rows_config`. A tuple of ``[M, out]``.
+    """
+    x, qs, scales, base, e = _operands("int4_rows_matmul", x, qs, scales, layer)
+    if experts.ndim != 1 or not jnp.issubdtype(experts.dtype, jnp.integer):
+        raise ValueError(f"int4_rows_matmul: experts must be integer ids [M], got {experts.dtype} {experts.shape}")
+    if not isinstance(fanout, int) or fanout < 1 or experts.shape[0] != x.shape[0] * fanout:
+        raise ValueError(f"int4_rows_matmul: {experts.shape[0]} expert ids for x {x.shape} with fanout {fanout!r} "
+                         f"(need x rows * fanout)")
+    m, k, n = experts.shape[0], x.shape[1], qs[0].shape[1]
+    if config is not None and not config.gemv:
+        raise ValueError(f"int4_rows_matmul: per-row tiles need a one-row config (gemv=True), got {config}")
+    cfg = fit_config(config, n, k) if config is not None else rows_config(n, k)
+    _check_outputs("int4_rows_matmul", m, len(qs) * n, cfg)
+    return _call(x, qs, scales, experts.astype(jnp.int32), base, cfg=cfg, interpret=interpret, fanout=fanout, e=e)
+
+
+def _operands(name: str, x, qs, scales, layer):
+    """Checked operands of a call: ``(x, qs, scales, base, E)``. With ``layer``, each stack
+    ``[L, E, ...]`` is viewed as ``[L * E, ...]`` and ``base`` (int32 ``[1]``) is the layer's
+    first expert in it; ``E`` is the experts of one layer."""
     qs, scales = tuple(qs), tuple(scales)
     if not qs or len(qs) != len(scales):
-        raise ValueError(f"int4_grouped_matmul: {len(qs)} word arrays and {len(scales)} scale arrays")
+        raise ValueError(f"{name}: {len(qs)} word arrays and {len(scales)} scale arrays")
     if any(a.shape != qs[0].shape for a in qs) or any(a.shape != scales[0].shape for a in scales):
-        raise ValueError(f"int4_grouped_matmul: the weights differ in shape: {[a.shape for a in qs]}")
-    q, sc = qs[0], scales[0]
+        raise ValueError(f"{name}: the weights differ in shape: {[a.shape for a in qs]}")
     base = jnp.zeros((1,), jnp.int32)
+    q, sc = qs[0], scales[0]
+    e = q.shape[0]
     if layer is not None:
         if q.ndim != 4 or sc.ndim != 4:
-            raise ValueError(f"int4_grouped_matmul: with a layer, q {q.shape} / scales {sc.shape} must be [L, E, ...]")
-        base = (jnp.asarray(layer, jnp.int32) * q.shape[1]).reshape(1)
+            raise ValueError(f"{name}: with a layer, q {q.shape} / scales {sc.shape} must be [L, E, ...]")
+        e = q.shape[1]
+        base = (jnp.asarray(layer, jnp.int32) * e).reshape(1)
         qs = tuple(a.reshape(-1, *a.shape[2:]) for a in qs)  # free: [L * E, ...]
         scales = tuple(a.reshape(-1, *a.shape[2:]) for a in scales)
         q, sc = qs[0], scales[0]
-    m, k = x.shape
     if q.dtype != jnp.uint32 or q.ndim != 3 or any(a.dtype != jnp.uint32 for a in qs):
-        raise ValueError(f"int4_grouped_matmul: q must be uint32 words [E, out, in/8], got {q.dtype} {q.shape}")
-    e, n, kw = q.shape
-    if layer is not None:
-        e = group_sizes.shape[0]
-    if kw * 8 != k:
-        raise ValueError(f"int4_grouped_matmul: q {q.shape} (8 inputs per word) does not match x {x.shape}")
+        raise ValueError(f"{name}: q must be uint32 words [E, out, in/8], got {q.dtype} {q.shape}")
+    n, kw = q.shape[1:]
+    k = x.shape[-1]
+    if x.ndim != 2 or kw * 8 != k:
+        raise ValueError(f"{name}: q {q.shape} (8 inputs per word) does not match x {x.shape}")
     if k % GROUP or sc.shape != (q.shape[0], n, k // GROUP):
-        raise ValueError(f"int4_grouped_matmul: scales {sc.shape} do not match q {q.shape} (one per {GROUP})")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
-    width = len(qs) * n
-    for name, size in (("x", x.size), ("the output", m * width)):  # q, scales (a whole stack): 64-bit offsets past 4 GiB
-        if size >= 2**31:
-            raise ValueError(f"int4_grouped_matmul: {name} has {size} elements; the kernel addresses at most 2^31 - 1")
-    cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
+        raise ValueError(f"{name}: scales {sc.shape} do not match q {q.shape} (one per {GROUP})")
+    if x.size >= 2**31:  # q, scales (a whole stack): 64-bit offsets past 4 GiB
+        raise ValueError(f"{name}: x has {x.size} elements; the kernel addresses at most 2^31 - 1")
+    return x, qs, scales, base, e
+
+
+def _check_outputs(name: str, m: int, width: int, cfg: Config) -> None:
+    """The output (or split-K partials) ``[m, width]`` within the kernel's 32-bit addressing."""
+    if m * width >= 2**31:
+        raise ValueError(f"{name}: the output has {m * width} elements; the kernel addresses at most 2^31 - 1")
     if cfg.splits * m * width >= 2**31:
-        raise ValueError(f"int4_grouped_matmul: {cfg.splits} split-K partials of [{m}, {width}] exceed 2^31 - 1 "
-                         "elements")
-    return _call(x, qs, scales, group_sizes, base, cfg=cfg, interpret=interpret)
+        raise ValueError(f"{name}: {cfg.splits} split-K partials of [{m}, {width}] exceed 2^31 - 1 elements")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _call(x, qs, scales, group_sizes, base, *, cfg: Config, interpret: bool):
-    m, k = x.shape
-    e, n, n_w = group_sizes.shape[0], qs[0].shape[1], len(qs)
-    t_max = max_row_tiles(m, e, cfg.block_m)
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "fanout", "e"))
+def _call(x, qs, scales, g, base, *, cfg: Config, interpret: bool, fanout: int | None, e: int):
+    """The launch. ``g``: group sizes [E] (``fanout`` None), or per-row expert ids [M]."""
+    k, n, n_w = x.shape[1], qs[0].shape[1], len(qs)
+    if fanout is None:
+        m = x.shape[0]
+        t_max = max_row_tiles(m, e, cfg.block_m)
+    else:
+        m = t_max = g.shape[0]
     # Unless planes or gemv: a view that keeps one scale group (4 words) on its own axis (a free reshape).
     if not (cfg.planes or cfg.gemv):
         qs = tuple(q.reshape(q.shape[0], n, k // GROUP, GROUP // 8) for q in qs)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     n_tiles = n // cfg.block_n
-    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision, n_tiles=n_tiles)
+    kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision, n_tiles=n_tiles,
+                               fanout=fanout)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    operands = (group_sizes.astype(jnp.int32), base, x, *qs, *scales)
+    operands = (g.astype(jnp.int32), base, x, *qs, *scales)
     if cfg.splits == 1:
         out = pl.pallas_call(
             kernel,
@@ -545,7 +633,7 @@ def _call(x, qs, scales, group_sizes, base, *, cfg: Config, interpret: bool):
             grid=(n_w * n_tiles, t_max),
             interpret=interpret,
             compiler_params=compiler_params,
-            name="int4_grouped_matmul",
+            name="int4_grouped_matmul" if fanout is None else "int4_rows_matmul",
         )(*operands)
         return tuple(out[:, i * n:(i + 1) * n] for i in range(n_w))
     partials = pl.pallas_call(  # split-K: float32 [splits, M, N], summed after the kernel
@@ -554,7 +642,7 @@ def _call(x, qs, scales, group_sizes, base, *, cfg: Config, interpret: bool):
         grid=(n_w * n_tiles, t_max, cfg.splits),
         interpret=interpret,
         compiler_params=compiler_params,
-        name="int4_grouped_matmul_splitk",
+        name="int4_grouped_matmul_splitk" if fanout is None else "int4_rows_matmul_splitk",
     )(*operands)
     return tuple(partials[:, :, i * n:(i + 1) * n].sum(0).astype(x.dtype) for i in range(n_w))
 

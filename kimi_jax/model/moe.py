@@ -14,9 +14,10 @@ The routed experts have two implementations sharing one router:
   registers), the Pallas Mosaic kernel on TPUs (``kimi_jax.kernels.int4_grouped_tpu``:
   dequantized in VMEM), XLA elsewhere (dequantize, then that grouped matmul). The platform is
   chosen when the step is lowered (``jax.lax.platform_dependent``), so one traced step
-  exports for TPU, GPU and CPU alike. ``grouped-pallas`` / ``grouped-pallas-tpu`` /
-  ``grouped-xla`` choose explicitly (a kernel off its platform runs in Pallas' interpreter:
-  tests). See :func:`int4_kernel`.
+  exports for TPU, GPU and CPU alike. A decode step of one sequence skips the grouping on the
+  Triton kernel: its K copies run per row (:func:`swiglu_rows`). ``grouped-pallas`` /
+  ``grouped-pallas-tpu`` / ``grouped-xla`` choose explicitly (a kernel off its platform runs
+  in Pallas' interpreter: tests). See :func:`int4_kernel`.
 
 The experts' storage format (``EXPERT_FORMATS``):
 - ``dense``: :class:`Experts`, float weights ``[E, in, out]`` in the model's dtype;
@@ -42,7 +43,7 @@ from flax import nnx, traverse_util
 from kimi_jax.config.model import TextConfig
 from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.grouped import ragged_dot
-from kimi_jax.kernels.int4_grouped import int4_grouped_matmul, int4_grouped_matmuls
+from kimi_jax.kernels.int4_grouped import int4_grouped_matmul, int4_grouped_matmuls, int4_rows_matmuls
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.model.layers import Buffer, Quantized, project, projections, weight
 from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
@@ -62,6 +63,9 @@ PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 EXPERT_FORMATS = ("dense", "int4")
 INT4_GROUP_SIZE = 32
 """Input columns per scale in the ``int4`` format (Kimi K2.5 / K2-Thinking use 32)."""
+ROWS_MAX_TOKENS = 1
+"""Up to this many tokens (a decode step of one sequence: its K experts are distinct), INT4
+experts on the Triton kernel run per row (:func:`swiglu_rows`): nothing sorted or gathered."""
 
 
 class MLP(nnx.Module):
@@ -376,14 +380,75 @@ def swiglu_grouped(w: dict, rows: jax.Array, sizes: jax.Array, kernel: str, laye
     return jax.lax.platform_dependent(w, rows, sizes, layer, **native, default=branch(kernel, True))
 
 
+def _int4_rows_reference(x, qs, scales, ids, fanout: int, layer):
+    """:func:`int4_rows_matmuls` by the reference path: the rows grouped by expert, then
+    ``int4_ragged_dot`` (ids outside ``[0, E)``: zero rows)."""
+    if layer is not None:
+        qs, scales = tuple(a[layer] for a in qs), tuple(a[layer] for a in scales)
+    e = qs[0].shape[0]
+    order, position, sizes = group_by_expert(jnp.where((ids >= 0) & (ids < e), ids, e), e)
+    rows = x[order // fanout]
+    return tuple(int4_ragged_dot(rows, a, b, sizes, INT4_GROUP_SIZE)[position] for a, b in zip(qs, scales, strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _int4_rows(fanout: int, interpret: bool, x, qs, scales, ids, layer):
+    """:func:`int4_rows_matmuls`, differentiated like the reference path (the gradient reaches x)."""
+    return int4_rows_matmuls(x, qs, scales, ids, fanout=fanout, interpret=interpret, layer=layer)
+
+
+def _int4_rows_fwd(fanout, interpret, x, qs, scales, ids, layer):
+    return _int4_rows(fanout, interpret, x, qs, scales, ids, layer), (x, qs, scales, ids, layer)
+
+
+def _int4_rows_bwd(fanout, interpret, residuals, g):
+    x, qs, scales, ids, layer = residuals
+    _, vjp = jax.vjp(lambda x: _int4_rows_reference(x, qs, scales, ids, fanout, layer), x)
+    return (*vjp(g), None, None, None, None)
+
+
+_int4_rows.defvjp(_int4_rows_fwd, _int4_rows_bwd)
+
+
+def swiglu_rows(w: dict, x: jax.Array, idx: jax.Array, layer: jax.Array | None = None,
+                interpret: bool = False) -> jax.Array:
+    """SwiGLU of each token ``x`` [T, D] through each of its chosen INT4 experts ``idx`` [T, K]
+    (ids outside ``[0, E)``: zeros) by the per-row Triton kernel -> [T, K, D]: gate and up in
+    one launch, then down, with no sort, gather or schedule. For few tokens (decoding one
+    sequence); rows sharing an expert each read its weights. ``w``, ``layer``: as
+    :func:`swiglu_grouped`."""
+    T, K = idx.shape
+    gate, up, down = w["gate_proj"], w["up_proj"], w["down_proj"]
+    ids = idx.reshape(-1)
+    g, u = _int4_rows(K, interpret, x, (gate["q"], up["q"]), (gate["scales"], up["scales"]), ids, layer)
+    (out,) = _int4_rows(1, interpret, jax.nn.silu(g) * u, (down["q"],), (down["scales"],), ids, layer)
+    return out.reshape(T, K, -1)
+
+
 def experts_grouped(experts: Experts | Int4Experts, x: jax.Array, idx: jax.Array, kernel: str = "xla",
                     layer: jax.Array | None = None) -> jax.Array:
     """Token copies sorted by expert, grouped matmuls (:func:`swiglu_grouped`), unsorted:
-    [T, D] -> [T, K, D] (``layer``: which layer of stacked experts)."""
+    [T, D] -> [T, K, D] (``layer``: which layer of stacked experts). INT4 experts of up to
+    :data:`ROWS_MAX_TOKENS` tokens on the Triton kernel run per row instead (:func:`swiglu_rows`)."""
     T, K = idx.shape
-    order, position, sizes = group_by_expert(idx.reshape(-1), experts.n_experts)  # ids >= n_experts: no group
-    out = swiglu_grouped(nnx.state(experts).to_pure_dict(), x[order // K], sizes, kernel, layer)
-    return out[position].reshape(T, K, -1)
+    w = nnx.state(experts).to_pure_dict()
+
+    def grouped(w, x, idx, layer):
+        order, position, sizes = group_by_expert(idx.reshape(-1), experts.n_experts)  # ids >= n_experts: no group
+        out = swiglu_grouped(w, x[order // K], sizes, kernel, layer)
+        return out[position].reshape(T, K, -1)
+
+    if T > ROWS_MAX_TOKENS or not isinstance(experts, Int4Experts) or kernel not in ("pallas", "auto"):
+        return grouped(w, x, idx, layer)
+    d_hidden, d_model = w["gate_proj"]["scales"].shape[-2], x.shape[1]
+    if kernel == "pallas":
+        native, default = functools.partial(swiglu_rows, interpret=False), functools.partial(swiglu_rows, interpret=True)
+    elif kernel_fits("pallas", d_model, d_hidden):
+        native, default = swiglu_rows, grouped
+    else:
+        return grouped(w, x, idx, layer)
+    return jax.lax.platform_dependent(w, x, idx, layer, **dict.fromkeys(NATIVE_PLATFORMS["pallas"], native),
+                                      default=default)
 
 
 class MoE(nnx.Module):

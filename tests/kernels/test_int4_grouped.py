@@ -283,3 +283,70 @@ def test_gate_and_up_lower_for_cuda():
                                                                                 layer=jnp.int32(2)),
                              x, q, q, s, s, g)
     assert "__gpu$xla.gpu.triton" in text and "int4_grouped_matmul" in text
+
+
+def _rows_reference(x, q, scales, ids, fanout):
+    """Each row through its own expert alone (a one-row group), zeros for ids outside [0, E)."""
+    rows = []
+    for r, e in enumerate(np.asarray(ids)):
+        if 0 <= e < E:
+            rows.append(np.asarray(int4_ragged_dot(x[r // fanout][None], q, scales,
+                                                   jnp.asarray(np.eye(E, dtype=np.int32)[e])))[0])
+        else:
+            rows.append(np.zeros(N, np.float32))
+    return np.stack(rows)
+
+
+# Ids per row: two tokens' top-3 (fanout 3) with an expert shared between them, an idle
+# row (id E, as the MoE marks invalid tokens) and a negative id.
+ROW_IDS = [4, 0, 2, 2, E, -1]
+
+
+@pytest.mark.parametrize("cfg", [GEMV, dataclasses.replace(GEMV, splits=3), GEMV_PREFETCH, GEMV_GATHER])
+def test_rows_match_reference(cfg):
+    """Per-row mode: row r is x[r // fanout] times expert ids[r] alone; an id outside [0, E)
+    gives a zero row; two weights in one launch and a layer of a stack read in place."""
+    x, q1, s1 = _inputs(50, 2, jnp.float32, k=256)
+    _, q2, s2 = _inputs(51, 2, jnp.float32, k=256)
+    ids = jnp.asarray(ROW_IDS, jnp.int32)
+    outs = ig.int4_rows_matmuls(x, (q1, q2), (s1, s2), ids, fanout=3, config=cfg, interpret=True)
+    for y, q, s in zip(outs, (q1, q2), (s1, s2), strict=True):
+        ref = _rows_reference(x, q, s, ids, 3)
+        assert y.shape == (6, N) and y.dtype == jnp.float32
+        assert _rel(y, ref) < 1e-5
+        np.testing.assert_array_equal(np.asarray(y)[4:], 0.0)
+    poison = jnp.full_like(s1, jnp.nan)
+    (y,) = ig.int4_rows_matmuls(x, (jnp.stack([q2, q1]),), (jnp.stack([poison, s1]),), ids, fanout=3, config=cfg,
+                                interpret=True, layer=jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(outs[0]))
+
+
+def test_rows_bfloat16_default_config_and_bad_input():
+    x, q, s = _inputs(52, 8, jnp.bfloat16)
+    ids = jnp.asarray([5, 1, 0, 3, 2, 4, 1, 0], jnp.int32)
+    (y,) = ig.int4_rows_matmuls(x, (q,), (s,), ids, interpret=True)
+    assert y.dtype == jnp.bfloat16 and _rel(y, _rows_reference(x.astype(jnp.float32), q, s, ids, 1)) < 1e-2
+    assert ig.rows_config(2048, 7168).gemv and ig.rows_config(2048, 7168).splits == 2
+    assert ig.rows_config(7168, 2048).splits == 1
+    with pytest.raises(ValueError, match="one-row config"):
+        ig.int4_rows_matmuls(x, (q,), (s,), ids, config=SMALL, interpret=True)
+    with pytest.raises(ValueError, match="x rows \\* fanout"):
+        ig.int4_rows_matmuls(x, (q,), (s,), ids, fanout=2, interpret=True)
+    with pytest.raises(ValueError, match="integer ids"):
+        ig.int4_rows_matmuls(x, (q,), (s,), ids.astype(jnp.float32), interpret=True)
+
+
+def test_rows_lower_for_cuda():
+    """K2.5's one-token gate + up (split-K) and down through the Triton lowering."""
+    S = jax.ShapeDtypeStruct
+    x, h, ids = S((1, 7168), jnp.bfloat16), S((8, 2048), jnp.bfloat16), S((8,), jnp.int32)
+    q, s = S((4, 384, 2048, 896), jnp.uint32), S((4, 384, 2048, 224), jnp.bfloat16)
+    qd, sd = S((4, 384, 7168, 256), jnp.uint32), S((4, 384, 7168, 64), jnp.bfloat16)
+
+    def step(x, h, q, s, qd, sd, ids):
+        layer = jnp.int32(2)
+        return (ig.int4_rows_matmuls(x, (q, q), (s, s), ids, fanout=8, layer=layer),
+                ig.int4_rows_matmuls(h, (qd,), (sd,), ids, layer=layer))
+
+    text = _lowered_for_cuda(step, x, h, q, s, qd, sd, ids)
+    assert "__gpu$xla.gpu.triton" in text and "int4_rows_matmul_splitk" in text and "int4_rows_matmul\"" in text

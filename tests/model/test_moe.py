@@ -167,12 +167,13 @@ def test_one_traced_step_lowers_each_platforms_kernel(platform, call):
     assert all(other not in text for other in {"tpu_custom_call", "xla.gpu.triton"} - {call})
 
 
-@pytest.mark.parametrize("impl", ["grouped", "grouped-pallas"])
-def test_int4_paths_differentiate_like_the_reference(impl):
-    """Gradients flow through the fused kernels (to the activations; INT4 weights are frozen)."""
+@pytest.mark.parametrize("impl, tokens", [("grouped", 6), ("grouped-pallas", 6), ("grouped-pallas", 1)])
+def test_int4_paths_differentiate_like_the_reference(impl, tokens):
+    """Gradients flow through the fused kernels, grouped and per row (to the activations; INT4
+    weights are frozen)."""
     cfg = moe_config(hidden_size=64, moe_intermediate_size=32)
     moe = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5), expert_format="int4")
-    x = jax.random.normal(jax.random.key(4), (6, cfg.hidden_size))
+    x = jax.random.normal(jax.random.key(4), (tokens, cfg.hidden_size))
 
     def grad(impl):
         moe.set_impl(impl)
@@ -180,3 +181,36 @@ def test_int4_paths_differentiate_like_the_reference(impl):
         return jax.grad(lambda x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x))))(x)
 
     np.testing.assert_allclose(np.asarray(grad(impl)), np.asarray(grad("reference")), rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_runs_per_row():
+    """A decode step of one sequence on the Triton kernel runs per row: no sort or group
+    sizes, the same output as the reference; an idle token (``valid`` False) reads no expert."""
+    cfg = moe_config(hidden_size=64, moe_intermediate_size=32)
+    moe = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(6), expert_format="int4", impl="grouped-pallas")
+    x = jax.random.normal(jax.random.key(5), (1, cfg.hidden_size))
+    text = str(jax.make_jaxpr(lambda x: moe(x))(x))
+    assert "int4_rows_matmul" in text and "int4_grouped_matmul" not in text
+    out = np.asarray(moe(x))
+    moe.set_impl("reference")
+    np.testing.assert_allclose(out, np.asarray(moe(x)), rtol=1e-5, atol=1e-5)
+    moe.set_impl("grouped-pallas")
+    np.testing.assert_allclose(np.asarray(moe(x, jnp.array([False]))), np.asarray(moe.shared_experts(x)),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "cpu"])
+def test_one_token_lowers_per_row_on_gpus_only(platform):
+    """``grouped`` (auto) at one token: the per-row Triton kernel where it runs compiled, the
+    grouped XLA path elsewhere."""
+    cfg = moe_config(hidden_size=128, moe_intermediate_size=64, n_routed_experts=8)
+    moe = nnx.eval_shape(lambda: MoE(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), expert_format="int4"))
+    graphdef, state = nnx.split(moe)
+    kind = {"cuda": "NVIDIA H100 80GB HBM3", "cpu": "cpu"}[platform]
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(
+            state, jax.ShapeDtypeStruct((1, 128), jnp.bfloat16)).lower(lowering_platforms=(platform,)).as_text()
+    assert ("int4_rows_matmul" in text) == (platform == "cuda")
+    assert "int4_grouped_matmul" not in text and ("xla.gpu.triton" in text) == (platform == "cuda")

@@ -103,20 +103,6 @@ def sweep_configs(m):
                                           (32, 512, 4, 3, 4), (128, 128, 4, 4, 2), (32, 1024, 4, 2, 2),
                                           (16, 512, 2, 3, 2)):
                 yield ig.Config(block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemv=True, splits=splits)
-        # the per-word scales gathered in the words' shape (no reshape in registers), beside
-        # the decode defaults and the best one-row configs of the last sweep
-        for bn, bk, w, st, splits in ((64, 256, 4, 4, 2), (64, 256, 4, 4, 1), (64, 512, 4, 3, 1)):
-            yield ig.Config(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, planes=True,
-                            splits=splits, gather_scales=True)
-        if m <= 64:
-            for bn, bk, w, st, splits in ((128, 256, 8, 3, 2), (64, 256, 4, 3, 1), (64, 256, 4, 3, 2)):
-                yield ig.Config(block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemv=True, splits=splits,
-                                gather_scales=True)
-            # the next k-block's loads issued before this block's arithmetic
-            for bn, bk, w, st, splits in ((128, 256, 8, 3, 2), (64, 256, 4, 3, 1), (64, 256, 4, 3, 4),
-                                          (32, 512, 4, 3, 4)):
-                yield ig.Config(block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemv=True, splits=splits,
-                                prefetch=True)
     else:
         for bm, bn, bk, w, st in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)):
             yield ig.Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -190,7 +176,7 @@ def main():
                         results.append((sec, cfg))
                         print(f"  sweep {proj} m={m} {lname} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
                               f"w={cfg.num_warps} st={cfg.num_stages} planes={cfg.planes} splits={cfg.splits} "
-                              f"gemv={cfg.gemv} gather={cfg.gather_scales} prefetch={cfg.prefetch}: "
+                              f"gemv={cfg.gemv}: "
                               f"{sec * 1e3:.3f} ms", flush=True)
                     if results:
                         sec, cfg = min(results, key=lambda r: r[0])

@@ -70,19 +70,6 @@ result differs from the reference by that rounding. Chosen by ``config=``: on an
 took the same 50-52 us per one-token projection as the planes kernel with about half the
 operations per weight, so the operation count is unlikely to bound either there.
 
-Prefetch (``Config.prefetch``, gemv). Triton's software pipelining (``num_stages``) is built
-around loads that feed dots; the one-row kernel has none, so each k-block's loads may wait
-out their whole latency before its arithmetic. With ``prefetch`` the loop carries the next
-k-block's words and scales, loaded before this block's arithmetic, so one load is in flight
-while the other is used. A hypothesis about the 50 us one-token projections (half the
-bandwidth) until a GPU sweep measures it; opt-in.
-
-Per-word scales (``Config.gather_scales``, planes and gemv). Both multiply a ``[block_n,
-block_k / 8]`` word tile by its groups' scales. By default the ``[block_n, block_k / 32]``
-scales are loaded as a block, then broadcast and reshaped to the words' shape in registers;
-with ``gather_scales`` they are loaded in that shape directly (the 4 columns of a group read
-one address), so no tile is reshaped. Opt-in until a GPU sweep shows which is faster.
-
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than
 ``jnp.int4``: the Triton lowering computes element offsets in 32 bits, and a K2.5 expert
@@ -175,19 +162,30 @@ class Config:
     planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
     splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
     gemv: bool = False  # one row per tile, no matrix units: multiply-adds in registers (see _gemv)
-    gather_scales: bool = False  # planes / gemv: per-word scales by a gathered load (see _word_scales)
-    prefetch: bool = False  # gemv: the next k-block's words and scales loaded before this one's arithmetic
+
+
+def rows_config(n: int, k: int) -> Config:
+    """One-row tiles for a weight ``[out n, in k]`` at one token (the per-row kernel's default,
+    and the grouped kernel's up to 8 rows), from H100 sweeps (``benchmarks/RESULTS.md``):
+    128 x 256 tiles, 8 warps, split-K in two for inputs of 4096 and more (K2.5's gate / up);
+    64 x 256, 4 warps otherwise."""
+    wide = k >= 4096
+    return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
+                             gemv=True, splits=2 if wide else 1), n, k)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
     """A config by rows per expert, from a sweep at K2.5 sizes on an H100 (benchmarks/RESULTS.md).
 
-    Up to 16 rows per expert (decode) the weight reads dominate: nibble planes with 16-row
-    tiles; few rows in all want long k-blocks (fewer, longer streams per program), except at
-    one token (8 rows), where 256-input blocks in 4 stages won, with split-K in two for the
-    wide gate / up inputs (58 against 66 us for gate at K2.5 sizes). Prefill tiles are
-    128 x 128 with re-interleaved values (planes lose there: 8 narrow dots).
+    Up to 8 rows (one token's top-8), one-row tiles (:func:`rows_config`): on an H100 gate took
+    44.6 against 50.7 us with the planes config below, down 41.0 against 52.7. Up to 16 rows
+    per expert (decode) the weight reads dominate: nibble planes with 16-row tiles; few rows in
+    all want long k-blocks (fewer, longer streams per program), except at 9-16 rows, where
+    256-input blocks in 4 stages won, with split-K in two for the wide gate / up inputs.
+    Prefill tiles are 128 x 128 with re-interleaved values (planes lose there: 8 narrow dots).
     """
+    if m <= 8:
+        return rows_config(n, k)
     rows_per_expert = m / max(1, min(e, m))
     if rows_per_expert <= 16:
         if m <= 16:
@@ -224,13 +222,11 @@ def fit_config(cfg: Config, n: int, k: int) -> Config:
     """Shrink block_n / block_k to powers of two dividing ``out`` / ``in`` (planes need k-blocks
     of at least 128 inputs, 16 words: the matrix units' smallest depth; else no planes), and
     clamp ``splits`` to [1, in / block_k] (at most one k-block per program). ``gemv`` tiles
-    hold one row (block_m 1) and k-blocks of at least 32 inputs (one scale group); ``prefetch``
-    applies to them only."""
+    hold one row (block_m 1) and k-blocks of at least 32 inputs (one scale group)."""
     block_k = _pow2_divisor(k, cfg.block_k, GROUP)
     return dataclasses.replace(
         cfg, block_n=_pow2_divisor(n, cfg.block_n, 16), block_k=block_k,
         planes=cfg.planes and block_k >= 128 and not cfg.gemv, block_m=1 if cfg.gemv else cfg.block_m,
-        prefetch=cfg.prefetch and cfg.gemv,
         splits=max(1, min(int(cfg.splits), k // block_k)),
     )
 
@@ -263,7 +259,7 @@ def _dequant_words(q_ref, s_ref, e, n0, g0, bn, groups, dtype):
     return (v.reshape(bn, groups, GROUP) * s).reshape(bn, groups * GROUP)
 
 
-def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precision, swap, gather):
+def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precision, swap):
     """One k-block as 8 dots, one per nibble position, with no re-interleaving of values.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``; plane j (nibble j of every word) is a
@@ -272,7 +268,7 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     dequantized values. The scale of word column c is that of its group, ``c // 4``.
     """
     words = q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)]  # [bn, nw] uint32
-    s = _word_scales(s_ref, e, n0, w0, bn, nw, gather).astype(dtype)
+    s = _word_scales(s_ref, e, n0, w0, bn, nw).astype(dtype)
     acc = None
     for j in range(4):
         shifted = words >> jnp.uint32(4 * j) if j else words
@@ -289,11 +285,6 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
                                     preferred_element_type=jnp.float32)
             acc = d if acc is None else acc + d
     return acc
-
-
-def _gemv_loads(q_ref, s_ref, e, n0, w0, bn, nw, gather):
-    """The words ``[bn, nw]`` of the k-block at word column ``w0`` and their scales (one per word)."""
-    return q_ref[e, pl.ds(n0, bn), pl.ds(w0, nw)], _word_scales(s_ref, e, n0, w0, bn, nw, gather)
 
 
 def _gemv(words, scales, x_ref, w0, row, nw):
@@ -314,17 +305,10 @@ def _gemv(words, scales, x_ref, w0, row, nw):
     return (acc - 136.0 * xsum) * scales.astype(jnp.float32)
 
 
-def _word_scales(s_ref, e, n0, w0, bn, nw, gather):
-    """The scale of each word of the tile ``[bn, nw]`` at word column ``w0``: its group's, ``c // 4``.
-
-    Either the ``[bn, nw / 4]`` scales loaded as a block, then broadcast and reshaped to the
-    words' shape (``gather=False``), or loaded directly in that shape by a gathered load whose
-    4 columns per group read one address (``gather=True``: no reshape of a tile in registers).
-    """
-    if gather:
-        rows = n0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
-        groups = (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) // 4
-        return plgpu.load(s_ref.at[e, rows, groups])
+def _word_scales(s_ref, e, n0, w0, bn, nw):
+    """The scale of each word of the tile ``[bn, nw]`` at word column ``w0``: its group's, ``c // 4``
+    (the ``[bn, nw / 4]`` scales loaded as a block, then broadcast and reshaped to the words'
+    shape in registers; loading them in that shape by a gathered load was slower on an H100)."""
     s = s_ref[e, pl.ds(n0, bn), pl.ds(w0 // 4, nw // 4)]  # [bn, nw / 4]
     return jnp.broadcast_to(s[:, :, None], (bn, nw // 4, 4)).reshape(bn, nw)
 
@@ -427,22 +411,14 @@ def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision
         nw = bk // 8
         x_rows = x_row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
 
-        def loads(kb):  # clamped: an empty split's first block, the block after the last
-            return _gemv_loads(q_ref, s_ref, stored, n0, jnp.minimum(kb, n_k - 1) * nw, bn, nw, cfg.gather_scales)
-
         @pl.when(expert >= 0)
         def _():
-            zeros = jnp.zeros((bn, nw), jnp.float32)
-            if cfg.prefetch:  # the next block's loads issued before this block's arithmetic
-                def body(kb, carry):
-                    acc, words, scales = carry
-                    ahead = loads(kb + 1)
-                    return acc + _gemv(words, scales, x_ref, kb * nw, x_rows, nw), *ahead
+            def body(kb, acc):
+                w0 = kb * nw
+                words, scales = q_ref[stored, pl.ds(n0, bn), pl.ds(w0, nw)], _word_scales(s_ref, stored, n0, w0, bn, nw)
+                return acc + _gemv(words, scales, x_ref, w0, x_rows, nw)
 
-                acc = lax.fori_loop(kb0, kb1, body, (zeros, *loads(kb0)))[0]
-            else:
-                acc = lax.fori_loop(kb0, kb1, lambda kb, acc: acc + _gemv(*loads(kb), x_ref, kb * nw, x_rows, nw),
-                                    zeros)
+            acc = lax.fori_loop(kb0, kb1, body, jnp.zeros((bn, nw), jnp.float32))
             plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
 
     else:
@@ -453,7 +429,7 @@ def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision
             def body(kb, acc):
                 if cfg.planes:
                     return acc + _planes(q_ref, s_ref, x_ref, stored, n0, kb * (bk // 8), rows, xmask, bn, bk // 8,
-                                         dtype, precision, cfg.swap, cfg.gather_scales)
+                                         dtype, precision, cfg.swap)
                 k0 = pl.multiple_of(kb * bk, bk)
                 xk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xmask, other=0)
                 w = _dequant_words(q_ref, s_ref, stored, n0, kb * groups, bn, groups, dtype)
@@ -517,15 +493,6 @@ def int4_grouped_matmuls(
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
     _check_outputs("int4_grouped_matmul", m, len(qs) * n, cfg)
     return _call(x, qs, scales, group_sizes, base, cfg=cfg, interpret=interpret, fanout=None, e=e)
-
-
-def rows_config(n: int, k: int) -> Config:
-    """The per-row kernel's config for a weight ``[out n, in k]``: the one-row tiles that won
-    the H100 sweep at one token (``benchmarks/RESULTS.md``): 128 x 256 tiles, 8 warps, split-K
-    in two for inputs of 4096 and more (K2.5's gate / up); 64 x 256, 4 warps otherwise."""
-    wide = k >= 4096
-    return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
-                             gemv=True, splits=2 if wide else 1), n, k)
 
 
 def int4_rows_matmuls(

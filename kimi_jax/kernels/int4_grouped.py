@@ -355,7 +355,7 @@ def _tile(g_ref, t, *, m: int, e: int, bm: int):
     return expert, jnp.where(is_expert, row0, zrow0), jnp.where(is_expert, row1, zrow1)
 
 
-def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int, precision, n_tiles: int,
+def _kernel(g_ref, layer_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int, precision, n_tiles: int,
             fanout: int | None):
     """Program ``(j, t[, s])``: row tile ``t`` times column tile ``j % n_tiles`` of weight
     ``j // n_tiles`` (``refs``: each weight's words, then each one's scales, then the output,
@@ -383,7 +383,7 @@ def _kernel(g_ref, base_ref, x_ref, *refs, cfg: Config, m: int, e: int, n_k: int
         per = -(-n_k // cfg.splits)
         kb0, kb1, split = s * per, jnp.minimum(s * per + per, n_k), (s,)
     tile = functools.partial(_weight_tile, x_ref=x_ref, o_ref=o_ref, cfg=cfg, n_k=n_k, precision=precision,
-                             expert=expert, stored=base_ref[0] + expert, row0=row0, row1=row1, x_row0=x_row0,
+                             expert=expert, stored=layer_ref[0] * e + expert, row0=row0, row1=row1, x_row0=x_row0,
                              kb0=kb0, kb1=kb1, split=split)
     if n_w == 1:
         tile(q_refs[0], s_refs[0], n0=pl.multiple_of(j * bn, bn), col0=pl.multiple_of(j * bn, bn))
@@ -485,14 +485,14 @@ def int4_grouped_matmuls(
     """:func:`int4_grouped_matmul` of the same rows with several weights of one shape (a SwiGLU's
     gate and up) in one launch: their column tiles side by side on the grid, one output (or
     partials) buffer. A tuple of ``[M, out]``, one per weight of ``qs`` / ``scales``."""
-    x, qs, scales, base, e = _operands("int4_grouped_matmul", x, qs, scales, layer)
+    x, qs, scales, layer, e = _operands("int4_grouped_matmul", x, qs, scales, layer)
     m, k = x.shape
     n = qs[0].shape[1]
     if group_sizes.shape != (e,):
         raise ValueError(f"int4_grouped_matmul: group_sizes {group_sizes.shape} must be [{e}]")
     cfg = fit_config(config, n, k) if config is not None else default_config(m, e, n, k)
     _check_outputs("int4_grouped_matmul", m, len(qs) * n, cfg)
-    return _call(x, qs, scales, group_sizes, base, cfg=cfg, interpret=interpret, fanout=None, e=e)
+    return _call(x, qs, scales, group_sizes, layer, cfg=cfg, interpret=interpret, fanout=None, e=e)
 
 
 def int4_rows_matmuls(
@@ -518,7 +518,7 @@ def int4_rows_matmuls(
     :func:`int4_grouped_matmul`. ``config`` must be one-row (``gemv``); default
     :func:`rows_config`. A tuple of ``[M, out]``.
     """
-    x, qs, scales, base, e = _operands("int4_rows_matmul", x, qs, scales, layer)
+    x, qs, scales, layer, e = _operands("int4_rows_matmul", x, qs, scales, layer)
     if experts.ndim != 1 or not jnp.issubdtype(experts.dtype, jnp.integer):
         raise ValueError(f"int4_rows_matmul: experts must be integer ids [M], got {experts.dtype} {experts.shape}")
     if not isinstance(fanout, int) or fanout < 1 or experts.shape[0] != x.shape[0] * fanout:
@@ -529,26 +529,27 @@ def int4_rows_matmuls(
         raise ValueError(f"int4_rows_matmul: per-row tiles need a one-row config (gemv=True), got {config}")
     cfg = fit_config(config, n, k) if config is not None else rows_config(n, k)
     _check_outputs("int4_rows_matmul", m, len(qs) * n, cfg)
-    return _call(x, qs, scales, experts.astype(jnp.int32), base, cfg=cfg, interpret=interpret, fanout=fanout, e=e)
+    return _call(x, qs, scales, experts.astype(jnp.int32), layer, cfg=cfg, interpret=interpret, fanout=fanout, e=e)
 
 
 def _operands(name: str, x, qs, scales, layer):
-    """Checked operands of a call: ``(x, qs, scales, base, E)``. With ``layer``, each stack
-    ``[L, E, ...]`` is viewed as ``[L * E, ...]`` and ``base`` (int32 ``[1]``) is the layer's
-    first expert in it; ``E`` is the experts of one layer."""
+    """Checked operands of a call: ``(x, qs, scales, layer, E)``. With ``layer``, each stack
+    ``[L, E, ...]`` is viewed as ``[L * E, ...]`` (layer ``l``'s experts from ``l * E``);
+    ``layer`` becomes int32 ``[1]`` (0 without one: the kernel multiplies it by ``E``, which is
+    the experts of one layer)."""
     qs, scales = tuple(qs), tuple(scales)
     if not qs or len(qs) != len(scales):
         raise ValueError(f"{name}: {len(qs)} word arrays and {len(scales)} scale arrays")
     if any(a.shape != qs[0].shape for a in qs) or any(a.shape != scales[0].shape for a in scales):
         raise ValueError(f"{name}: the weights differ in shape: {[a.shape for a in qs]}")
-    base = jnp.zeros((1,), jnp.int32)
+    index = jnp.zeros((1,), jnp.int32)
     q, sc = qs[0], scales[0]
     e = q.shape[0]
     if layer is not None:
         if q.ndim != 4 or sc.ndim != 4:
             raise ValueError(f"{name}: with a layer, q {q.shape} / scales {sc.shape} must be [L, E, ...]")
         e = q.shape[1]
-        base = (jnp.asarray(layer, jnp.int32) * e).reshape(1)
+        index = jnp.asarray(layer, jnp.int32).reshape(1)  # a free reshape: no launch before the kernel
         qs = tuple(a.reshape(-1, *a.shape[2:]) for a in qs)  # free: [L * E, ...]
         scales = tuple(a.reshape(-1, *a.shape[2:]) for a in scales)
         q, sc = qs[0], scales[0]
@@ -562,7 +563,7 @@ def _operands(name: str, x, qs, scales, layer):
         raise ValueError(f"{name}: scales {sc.shape} do not match q {q.shape} (one per {GROUP})")
     if x.size >= 2**31:  # q, scales (a whole stack): 64-bit offsets past 4 GiB
         raise ValueError(f"{name}: x has {x.size} elements; the kernel addresses at most 2^31 - 1")
-    return x, qs, scales, base, e
+    return x, qs, scales, index, e
 
 
 def _check_outputs(name: str, m: int, width: int, cfg: Config) -> None:
@@ -574,7 +575,7 @@ def _check_outputs(name: str, m: int, width: int, cfg: Config) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "fanout", "e"))
-def _call(x, qs, scales, g, base, *, cfg: Config, interpret: bool, fanout: int | None, e: int):
+def _call(x, qs, scales, g, layer, *, cfg: Config, interpret: bool, fanout: int | None, e: int):
     """The launch. ``g``: group sizes [E] (``fanout`` None), or per-row expert ids [M]."""
     k, n, n_w = x.shape[1], qs[0].shape[1], len(qs)
     if fanout is None:
@@ -592,7 +593,7 @@ def _call(x, qs, scales, g, base, *, cfg: Config, interpret: bool, fanout: int |
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    operands = (g.astype(jnp.int32), base, x, *qs, *scales)
+    operands = (g.astype(jnp.int32), layer, x, *qs, *scales)
     if cfg.splits == 1:
         out = pl.pallas_call(
             kernel,

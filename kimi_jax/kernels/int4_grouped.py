@@ -66,9 +66,13 @@ matrix unit: each nibble becomes the float32 ``136 + q`` (``_nibble``: one shift
 and-or) and one multiply-add adds its product with its input to a ``[block_n, block_k / 8]``
 float32 accumulator; the offset and the scale are applied once per word (``_gemv``), and
 the words are summed once at the end. W is not rounded to x's dtype there: with bf16 x the
-result differs from the reference by that rounding. Chosen by ``config=``: on an H100 it
-took the same 50-52 us per one-token projection as the planes kernel with about half the
-operations per weight, so the operation count is unlikely to bound either there.
+result differs from the reference by that rounding. The default up to 8 rows and in per-row
+mode (:func:`rows_config`): on an H100 it took 45 us for a one-token gate projection against
+51 us for the planes kernel, and the per-row gate + up launch read at 2.0 TB/s
+(``benchmarks/RESULTS.md``). About 3 operations per weight remain (shift, and-or,
+multiply-add): 8 experts' three projections are 3.5e8 weights, 3.3e7 warp instructions,
+36 us of issue on an H100's 132 SMs, against 62 us to read them at 3.2 TB/s: a large share
+that overlaps the loads only in part.
 
 Dequantization. Each nibble becomes a bf16 value by integer ops (``0x4300 | (q + 8)`` is
 the bf16 number ``136 + q``) instead of an int -> float conversion. Why words rather than

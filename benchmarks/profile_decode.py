@@ -48,7 +48,7 @@ def main() -> None:
                         help="the engines' decode_burst (decode steps per dispatch); times are per decode step")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="the request's top_p (below 1: sampled at temperature 1 through the top-p filter)")
-    parser.add_argument("--top", type=int, default=40, help="kernels printed")
+    parser.add_argument("--top", type=int, default=40, help="kernels printed and recorded")
     parser.add_argument("--trace-dir", help="keep the raw profile here (default: a temporary folder)")
     parser.add_argument("--sources", action="store_true",
                         help="name each kernel's JAX operation and source line (dumps the step's optimized HLO)")
@@ -129,7 +129,7 @@ def main() -> None:
                gpu_busy_ms=round(busy / 1e3, 3), gpu_span_ms=round(span / 1e3, 3), idle=idle,
                kernels_per_step=round(sum(r[1] for r in rows), 1),
                top=[[name[:120], n, round(us, 1), *([sources.get(name, "")] if args.sources else [])]
-                    for name, n, us in rows[:20]])
+                    for name, n, us in rows[: args.top]])
         del engine
     if args.sources:
         dump.cleanup()

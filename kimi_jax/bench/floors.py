@@ -27,25 +27,42 @@ def median_seconds(fn, *args, iters: int = 20, stat=statistics.median) -> float:
     return stat(times)
 
 
+def _seconds_per_call(fn, *args, calls: int = 10, repeats: int = 5) -> float:
+    """Seconds per call of ``fn(*args)`` with ``calls`` calls dispatched back to back and
+    blocked on once (the fastest of ``repeats``): one host round trip per ``calls``, not per
+    call, so a read of a few hundred microseconds is not inflated by it."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):  # one stream: the last call ends after the others; each result is freed
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
 def memory_bandwidth(n_bytes: int = 2 << 30) -> float:
     """Bytes per second the memory sustains: the largest of three reads of ``n_bytes``, each
-    from the fastest of 20 runs (a median moved by 15% between runs on one GPU): a float32
-    copy (``x * 2``, bytes read + written), a float32 sum, and a bf16 vector-matrix product
+    timed over calls dispatched back to back (:func:`_seconds_per_call`): a float32 copy
+    (``x * 2``, bytes read + written), a float32 sum, and a bf16 vector-matrix product
     (``v @ m``, m ``[8192, n_bytes / 16 KiB]``: a decode step's projections read their
     weights this way).
 
     A copy alone understated it: on an H200 a bf16 copy moved 2.6-3.0 TB/s while the same
     run's lm_head read its 2.35 GB at 4.5 TB/s; on an H100 the copy and the sum gave 2.62
-    TB/s while lm_head read at 3.09, so floors from them were too low.
+    TB/s while lm_head read at 3.09, so floors from them were too low. Timing each call with
+    its own host round trip understated the product too: 2.81 TB/s on an H100 whose GPU clock
+    gave the same product 3.19 TB/s.
     """
     x = jax.random.normal(jax.random.key(0), (n_bytes // 4,), jnp.float32)
-    copy = 2 * n_bytes / median_seconds(jax.jit(lambda a: a * 2), x, stat=min)
-    read = n_bytes / median_seconds(jax.jit(jnp.sum), x, stat=min)
+    copy = 2 * n_bytes / _seconds_per_call(jax.jit(lambda a: a * 2), x)
+    read = n_bytes / _seconds_per_call(jax.jit(jnp.sum), x)
     del x
     rows = 8192  # a short contraction over many outputs, as lm_head's 7168 x 163840
     m = jax.random.normal(jax.random.key(1), (rows, n_bytes // (2 * rows)), jnp.bfloat16)
-    v = jnp.ones((1, rows), jnp.bfloat16)
-    gemv = m.size * 2 / median_seconds(jax.jit(jnp.matmul), v, m, stat=min)
+    v = jax.random.normal(jax.random.key(2), (1, rows), jnp.bfloat16)
+    gemv = m.size * 2 / _seconds_per_call(jax.jit(jnp.matmul), v, m)
     return max(copy, read, gemv)
 
 

@@ -107,13 +107,14 @@ class DecoderLayer(nnx.Module):
     def cached(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache, layer: jax.Array,
         *, absorbed: bool, key_block: int, valid: jax.Array | None = None, rows: jax.Array | None = None,
+        seen: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """The layer over new tokens at ``positions``, attending over (and writing) layer
         ``layer`` of its run's ``cache`` (sequences ``rows``, see ``MLA.cached``); ``valid`` [B, T]
-        marks the real tokens (only those attend and are routed to experts)."""
+        marks the real tokens (only those attend and are routed to experts); ``seen``: see ``MLA.cached``."""
         normed = rms_norm(x, self.input_layernorm[...], self.eps)
         attn, cache = self.self_attn.cached(normed, cos, sin, positions, cache, layer, absorbed=absorbed,
-                                            key_block=key_block, valid=valid, rows=rows)
+                                            key_block=key_block, valid=valid, rows=rows, seen=seen)
         return self._residual(x, normed, attn, valid, layer), cache
 
     def _residual(self, x: jax.Array, normed: jax.Array, attn: jax.Array, valid: jax.Array | None = None,
@@ -279,12 +280,13 @@ class TextModel(nnx.Module):
         positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         cos, sin = self.rope(positions)
         valid = jnp.arange(T) < counts[:, None]
+        seen = jnp.where(valid, positions, -1)  # the slots each query attends up to, once for all layers
         x = self._inputs(input_ids, inputs_embeds)
 
         def step(layer, carry, i):
             x, run_cache = carry
             x, run_cache = layer.cached(x, cos, sin, positions, run_cache, i, absorbed=absorbed, key_block=key_block,
-                                        valid=valid, rows=rows)
+                                        valid=valid, rows=rows, seen=seen)
             return (constrain(x, ACTIVATION_AXES, self.parallel), run_cache), None
 
         # One device: read the big projections in place. Split over a mesh, a kernel would see

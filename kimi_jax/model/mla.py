@@ -223,7 +223,7 @@ class MLA(nnx.Module):
     def cached(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache: LayerCache,
         layer: jax.Array, *, absorbed: bool, key_block: int, valid: jax.Array | None = None,
-        rows: jax.Array | None = None,
+        rows: jax.Array | None = None, seen: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """Attention of new tokens ``x`` [B, T, D] at ``positions`` [B, T] over layer ``layer``
         of its run's cache, whose sequences ``rows`` [B] (distinct; None: the first B) they
@@ -231,7 +231,8 @@ class MLA(nnx.Module):
 
         The tokens' latents are written into the cache first; then each query attends to the
         slots up to its position (where ``valid`` [B, T] is False, to none: padding reads no
-        cache, and its output is meaningless): absorbed on NVIDIA GPUs by the Pallas kernel
+        cache, and its output is meaningless; ``seen``, that is ``where(valid, positions, -1)``,
+        may come computed once for all layers): absorbed on NVIDIA GPUs by the Pallas kernel
         (:meth:`attend_cache_pallas`, where it takes the widths), elsewhere (and expanded) with XLA, all at once when the
         cache has at most ``key_block`` slots, else block by block (:meth:`attend_cache`).
         Returns [B, T, D] and the updated cache.
@@ -242,7 +243,9 @@ class MLA(nnx.Module):
             qa, kv = projections(x, (self.q_a_proj[...], self.kv_a_proj_with_mqa[...]), layer)
             (q_nope, q_pe), latents = self._queries_from(qa, cos, sin, layer), self._latents_from(kv, cos, sin)
         cache = cache.write(layer, positions, *latents, rows=rows)
-        if valid is not None:
+        if seen is not None:
+            positions = seen
+        elif valid is not None:
             positions = jnp.where(valid, positions, -1)
         attend = functools.partial(self._attend_cache_xla, absorbed=absorbed, key_block=key_block)
         if absorbed and mla_decode_fits(self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim):  # NVIDIA GPUs: Pallas

@@ -8,12 +8,15 @@ from flax import nnx
 
 from kimi_jax.config.model import KimiConfig
 from kimi_jax.model.moe import (
+    RANK_TOP_K_MAX_TOKENS,
     MoE,
     experts_grouped,
     experts_reference,
     int4_kernel,
     lowered_int4_kernel,
+    select_experts,
     swiglu_grouped,
+    top_k_by_rank,
 )
 from kimi_jax.testing.synthetic import k25_config
 
@@ -214,3 +217,34 @@ def test_one_token_lowers_per_row_on_gpus_only(platform):
             state, jax.ShapeDtypeStruct((1, 128), jnp.bfloat16)).lower(lowering_platforms=(platform,)).as_text()
     assert ("int4_rows_matmul" in text) == (platform == "cuda")
     assert "int4_grouped_matmul" not in text and ("xla.gpu.triton" in text) == (platform == "cuda")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_top_k_by_rank_equals_lax_top_k(dtype):
+    """Ranks counted give lax.top_k's indices, in its order: ties to the lower index, -0 below
+    +0, NaN above inf (so always distinct ids in range)."""
+    values = jnp.round(jax.random.normal(jax.random.key(0), (7, 3, 96)) * 3) / 3  # many ties
+    specials = jnp.array([1.0, jnp.nan, -0.0, 0.0, jnp.inf, -jnp.inf, 2.0, -jnp.nan, 2.0, 0.0])
+    for v, k in ((values, 8), (values, 1), (values[0, 0, :16], 16), (specials, 10), (specials, 3)):
+        v = v.astype(dtype)
+        np.testing.assert_array_equal(np.asarray(top_k_by_rank(v, k)), np.asarray(jax.lax.top_k(v, k)[1]))
+
+
+def test_router_counts_ranks_for_decode_steps_only():
+    """Up to RANK_TOP_K_MAX_TOKENS tokens the router counts ranks (no sort in the step), past
+    them it sorts; both choose the same experts with the same weights."""
+    cfg = moe_config(n_routed_experts=32, num_experts_per_tok=4)
+    bias = jax.random.normal(jax.random.key(1), (32,)) * 0.1
+    many = jax.nn.sigmoid(jax.random.normal(jax.random.key(2), (RANK_TOP_K_MAX_TOKENS + 1, 32)))
+    for scores in (many[:1], many[:RANK_TOP_K_MAX_TOKENS], many):
+        jaxpr = str(jax.make_jaxpr(lambda s: select_experts(s, bias, cfg))(scores))
+        assert ("top_k" in jaxpr) == (scores.shape[0] > RANK_TOP_K_MAX_TOKENS)
+        weights, idx = select_experts(scores, bias, cfg)
+        expected = jax.lax.top_k(scores + bias, 4)[1]
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(expected))
+        np.testing.assert_allclose(np.asarray(weights), np.asarray(expected_weights(scores, expected, cfg)), rtol=1e-6)
+
+
+def expected_weights(scores, idx, cfg):
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    return w / (w.sum(-1, keepdims=True) + 1e-20) * cfg.routed_scaling_factor

@@ -66,9 +66,12 @@ matrix unit: each nibble becomes the float32 ``136 + q`` (``_nibble``: one shift
 and-or) and one multiply-add adds its product with its input to a ``[block_n, block_k / 8]``
 float32 accumulator; the offset and the scale are applied once per word (``_gemv``), and
 the words are summed once at the end. W is not rounded to x's dtype there: with bf16 x the
-result differs from the reference by that rounding. The default up to 8 rows and in per-row
-mode (:func:`rows_config`): on an H100 it took 45 us for a one-token gate projection against
-51 us for the planes kernel, and the per-row gate + up launch read at 2.0 TB/s
+result differs from the reference by that rounding. Each nibble position j multiplies the
+inputs ``8 c + j``: a strided gather from x as it lies, or with ``Config.x_planes`` one
+contiguous load from x laid out ``[M, 8, in / 8]`` (a transpose of a few KB before the
+kernel, which XLA can fuse into the op that makes x). The default up to 8 rows and in
+per-row mode (:func:`rows_config`, planes of x and 512-input blocks): on an H100 the per-row
+gate + up launch read at 2.0 TB/s, 9% faster than strided x with 256-input blocks
 (``benchmarks/RESULTS.md``). About 3 operations per weight remain (shift, and-or,
 multiply-add): 8 experts' three projections are 3.5e8 weights, 3.3e7 warp instructions,
 36 us of issue on an H100's 132 SMs, against 62 us to read them at 3.2 TB/s: a large share
@@ -166,16 +169,19 @@ class Config:
     planes: bool = False  # one dot per nibble position instead of re-interleaving (see _planes)
     splits: int = 1  # split-K: programs sharing one tile's k-blocks (any int >= 1; 1 is off)
     gemv: bool = False  # one row per tile, no matrix units: multiply-adds in registers (see _gemv)
+    x_planes: bool = False  # gemv: x laid out [M, 8, in / 8], each nibble position's inputs contiguous (see _gemv)
 
 
 def rows_config(n: int, k: int) -> Config:
     """One-row tiles for a weight ``[out n, in k]`` at one token (the per-row kernel's default,
     and the grouped kernel's up to 8 rows), from H100 sweeps (``benchmarks/RESULTS.md``):
-    128 x 256 tiles, 8 warps, split-K in two for inputs of 4096 and more (K2.5's gate / up);
-    64 x 256, 4 warps otherwise."""
+    x as planes (``x_planes``) with 512-input blocks, 128 outputs a tile, 8 warps and split-K
+    in two for inputs of 4096 and more (K2.5's gate / up); 64 outputs, 4 warps otherwise. At
+    K2.5's sizes gate + up took 65.7 us against 72.0 with 256-input blocks and strided x,
+    down 33.5 against 36.8 (each alone was slower)."""
     wide = k >= 4096
-    return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
-                             gemv=True, splits=2 if wide else 1), n, k)
+    return fit_config(Config(block_n=128 if wide else 64, block_k=512, num_warps=8 if wide else 4, num_stages=3,
+                             gemv=True, splits=2 if wide else 1, x_planes=True), n, k)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:
@@ -291,7 +297,7 @@ def _planes(q_ref, s_ref, x_ref, e, n0, w0, rows, xmask, bn, nw, dtype, precisio
     return acc
 
 
-def _gemv(words, scales, x_ref, w0, row, nw):
+def _gemv(words, scales, x_ref, w0, row, nw, x_planes: bool = False):
     """One k-block of one row as multiply-adds: ``[bn, nw]`` float32 partial sums, summed over k later.
 
     Words ``[bn, nw]`` hold inputs ``8 (w0 + c) + j``. For each nibble position j, ``_nibble``
@@ -302,8 +308,11 @@ def _gemv(words, scales, x_ref, w0, row, nw):
     """
     acc = xsum = None
     for j in range(8):
-        cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + j  # inputs 8 c + j
-        xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
+        if x_planes:  # x [M, 8, in / 8]: inputs 8 c + j are row j, one contiguous load
+            xj = x_ref[row, j, pl.ds(w0, nw)].astype(jnp.float32)[None, :]
+        else:
+            cols = 8 * (w0 + lax.broadcasted_iota(jnp.int32, (1, nw), 1)) + j  # inputs 8 c + j
+            xj = plgpu.load(x_ref.at[row, cols]).astype(jnp.float32)  # [1, nw]
         d = _nibble(words, j) * xj
         acc, xsum = (d, xj) if acc is None else (acc + d, xsum + xj)
     return (acc - 136.0 * xsum) * scales.astype(jnp.float32)
@@ -420,7 +429,7 @@ def _weight_tile(q_ref, s_ref, *, x_ref, o_ref, cfg: Config, n_k: int, precision
             def body(kb, acc):
                 w0 = kb * nw
                 words, scales = q_ref[stored, pl.ds(n0, bn), pl.ds(w0, nw)], _word_scales(s_ref, stored, n0, w0, bn, nw)
-                return acc + _gemv(words, scales, x_ref, w0, x_rows, nw)
+                return acc + _gemv(words, scales, x_ref, w0, x_row0 if cfg.x_planes else x_rows, nw, cfg.x_planes)
 
             acc = lax.fori_loop(kb0, kb1, body, jnp.zeros((bn, nw), jnp.float32))
             plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype))
@@ -590,6 +599,8 @@ def _call(x, qs, scales, g, layer, *, cfg: Config, interpret: bool, fanout: int 
     # Unless planes or gemv: a view that keeps one scale group (4 words) on its own axis (a free reshape).
     if not (cfg.planes or cfg.gemv):
         qs = tuple(q.reshape(q.shape[0], n, k // GROUP, GROUP // 8) for q in qs)
+    if cfg.gemv and cfg.x_planes:  # [M, 8, in / 8]: x[r, j, c] is input 8 c + j
+        x = x.reshape(x.shape[0], k // 8, 8).swapaxes(1, 2)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     n_tiles = n // cfg.block_n
     kernel = functools.partial(_kernel, cfg=cfg, m=m, e=e, n_k=k // cfg.block_k, precision=precision, n_tiles=n_tiles,

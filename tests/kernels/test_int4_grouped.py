@@ -44,7 +44,7 @@ GEMV = ig.Config(block_n=16, block_k=64, gemv=True)  # fit_config makes its tile
 
 
 @pytest.mark.parametrize(("groups", "cfg"), [(g, SMALL) for g in GROUPS] + [(g, PLANES) for g in GROUPS[:2]]
-                         + [(g, GEMV) for g in GROUPS[:2]])
+                         + [(g, GEMV) for g in GROUPS[:2]] + [(GROUPS[0], dataclasses.replace(GEMV, x_planes=True))])
 def test_float32_matches_reference(groups, cfg):
     m = 41
     x, q, scales = _inputs(sum(groups), m, jnp.float32)
@@ -229,9 +229,10 @@ def _lowered_for_cuda(fn, *args) -> str:
 @pytest.mark.parametrize("cfg", [
     ig.default_config(8, 384, 2048, 7168), ig.default_config(16, 384, 2048, 7168), ig.default_config(512, 384, 2048, 7168),
     ig.default_config(32768, 384, 2048, 7168), ig.Config(block_n=128, block_k=256, gemv=True, splits=2),
+    ig.Config(block_n=128, block_k=256, gemv=True, splits=2, x_planes=True),
     ig.Config(block_n=64, block_k=256, num_warps=8, planes=True),
     ig.Config(block_m=64, block_n=128, block_k=128, swap=False),
-], ids=lambda c: f"bm{c.block_m}-bn{c.block_n}-planes{c.planes}-gemv{c.gemv}-splits{c.splits}")
+], ids=lambda c: f"bm{c.block_m}-bn{c.block_n}-planes{c.planes}-gemv{c.gemv}-splits{c.splits}-xp{c.x_planes}")
 def test_configs_lower_for_cuda(cfg):
     """Every kind of config the sweep tries passes through the Triton lowering at K2.5's gate
     sizes (a config the lowering refuses would fail only on the GPU otherwise)."""
@@ -292,7 +293,8 @@ def _rows_reference(x, q, scales, ids, fanout):
 ROW_IDS = [4, 0, 2, 2, E, -1]
 
 
-@pytest.mark.parametrize("cfg", [GEMV, dataclasses.replace(GEMV, splits=3), dataclasses.replace(GEMV, block_k=32)])
+@pytest.mark.parametrize("cfg", [GEMV, dataclasses.replace(GEMV, splits=3), dataclasses.replace(GEMV, block_k=32),
+                                 dataclasses.replace(GEMV, x_planes=True, splits=3)])
 def test_rows_match_reference(cfg):
     """Per-row mode: row r is x[r // fanout] times expert ids[r] alone; an id outside [0, E)
     gives a zero row; two weights in one launch and a layer of a stack read in place."""
@@ -317,6 +319,7 @@ def test_rows_bfloat16_default_config_and_bad_input():
     (y,) = ig.int4_rows_matmuls(x, (q,), (s,), ids, interpret=True)
     assert y.dtype == jnp.bfloat16 and _rel(y, _rows_reference(x.astype(jnp.float32), q, s, ids, 1)) < 1e-2
     assert ig.rows_config(2048, 7168).gemv and ig.rows_config(2048, 7168).splits == 2
+    assert ig.rows_config(2048, 7168).x_planes and ig.rows_config(2048, 7168).block_k == 512
     assert ig.rows_config(7168, 2048).splits == 1
     with pytest.raises(ValueError, match="one-row config"):
         ig.int4_rows_matmuls(x, (q,), (s,), ids, config=SMALL, interpret=True)

@@ -5,8 +5,10 @@ In one run, after measuring the memory bandwidth:
 1. ``decode-1`` / ``decode-N``: ms per decode step of a K2.5 cut (``--layers``, INT4
    experts, random weights) with 1 and N running sequences, steps dispatched back to back
    (and, beside it, blocked on one by one), against the floor of the step
-   (bytes it must read: the non-expert weights, the distinct experts the tokens choose on
-   average, the cache; over the bandwidth);
+   (bytes it must read: the non-expert weights, the distinct experts per MoE layer that the
+   sequences' last prompt tokens are routed to (``experts_per_layer``; the random cut routes
+   more narrowly than uniform routing, ``uniform_experts_per_layer``), the cache; over the
+   bandwidth);
 2. ``arrivals``: ``--requests`` prompts of ``--prompt`` tokens arriving one every
    ``--every`` steps: throughput, time to first token and inter-token latency (p50, p99,
    mean; the tokens of a decode burst arrive together, so the mean is the rate),
@@ -30,6 +32,7 @@ Each measurement is printed and appended to ``benchmarks/results/engine.jsonl`` 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import time
@@ -63,18 +66,40 @@ def text_config(layers: int, tiny: bool) -> KimiConfig:
     return KimiConfig.from_dict(raw)
 
 
-def step_floor_bytes(config: KimiConfig, tokens: int, cached: int) -> float:
+def step_floor_bytes(config: KimiConfig, tokens: int, cached: int, touched: float | None = None) -> float:
     """Bytes one decode step of ``tokens`` sequences with ``cached`` tokens each must read: the
     weights but the embedding (one row per token) and the routed experts, the distinct
-    experts the tokens choose on average, the cache (the planner's count, ``kimi_jax.plan``)."""
+    experts per MoE layer (``touched``; default the mean under uniform routing, the planner's
+    count, ``kimi_jax.plan``), the cache."""
     cfg = config.text
     sizes = device_bytes(config, jnp.bfloat16, "int4")
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    touched = E * (1 - (1 - K / E) ** tokens)  # expected distinct experts per MoE layer
+    if touched is None:
+        touched = uniform_experts(E, K, tokens)
     experts = sizes["routed_experts"] * touched / E
     rows = tokens * cfg.hidden_size * 2
     cache = tokens * cached * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     return sum(sizes.values()) - sizes["routed_experts"] - sizes["embedding"] + rows + experts + cache
+
+
+def uniform_experts(E: int, K: int, tokens: int) -> float:
+    """The mean distinct experts per MoE layer of ``tokens`` tokens routed uniformly."""
+    return E * (1 - (1 - K / E) ** tokens)
+
+
+def routed_experts(model, prompts: list[list[int]], chunk: int = 8) -> float:
+    """The distinct experts per MoE layer (mean over the layers) that the prompts' last tokens
+    are routed to: what a decode step of these sequences reads, where the random model's
+    routing is narrower than uniform (it is, in the deeper layers of a cut)."""
+    chosen = collections.defaultdict(set)
+    K = model.config.text.num_experts_per_tok
+    for i in range(0, len(prompts), chunk):
+        ids = jnp.asarray(prompts[i:i + chunk], jnp.int32)
+        _, named = model.trace(ids)
+        for name, idx in named.items():
+            if name.endswith("router_idx"):
+                chosen[name].update(np.asarray(idx).reshape(len(ids), -1, K)[:, -1].ravel().tolist())
+    return float(np.mean([len(s) for s in chosen.values()]))
 
 
 def warm_engine(model, args) -> Engine:
@@ -159,7 +184,10 @@ def main() -> None:
                 print(f"decode-{batch}: too few steps with every request decoding; raise --new", flush=True)
                 continue
             ms, blocked = timed
-            floor = step_floor_bytes(config, batch, short + args.decode_new // 2) / bw * 1e3
+            cfg = config.text
+            uniform = uniform_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
+            touched = routed_experts(model, prompts) if batch > 1 else uniform  # one token: K distinct
+            floor = step_floor_bytes(config, batch, short + args.decode_new // 2, touched) / bw * 1e3
             # against batch 1: the measured throughput ratio, and that of two steps at their floors
             # (each step can be no faster than its floor, so a batch-1 step within 1.3x of its floor
             # bounds the ratio by 1.3 times that)
@@ -169,7 +197,8 @@ def main() -> None:
             single[batch] = (ms, floor)
             row = record(args.out, bench="decode", batch=batch, ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
                          floor_ratio=round(floor / ms, 3), tokens_per_s=round(batch / ms * 1e3, 1),
-                         blocked_ms_per_step=round(blocked, 3), slots=args.slots, **ratios, **common)
+                         blocked_ms_per_step=round(blocked, 3), slots=args.slots, experts_per_layer=round(touched, 1),
+                         uniform_experts_per_layer=round(uniform, 1), **ratios, **common)
             print(row, flush=True)
         del engine
 

@@ -26,6 +26,9 @@ engines share; each row is written as soon as it is measured.)
 
     PYTHONPATH=. python benchmarks/engine.py [--layers 8] [--slots 64] [--tiny]
 
+The 8-layer cut's weights take 69 GiB: on an 80 GB card let the client have the memory
+(``XLA_PYTHON_CLIENT_MEM_FRACTION=0.97``; jax takes 75% by default).
+
 Each measurement is printed and appended to ``benchmarks/results/engine.jsonl`` (``--out``).
 """
 

@@ -116,9 +116,10 @@ class Router(nnx.Module):
 def top_k_by_rank(values: jax.Array, k: int) -> jax.Array:
     """The indices of ``jax.lax.top_k(values, k)`` [..., k] (float ``values`` [..., E]; ties to
     the lower index) by counting instead of sorting: entry i's rank is the number of entries
-    ahead of it, and the j-th index is the entry of rank j. Two fused reductions over an
-    [..., E, E] comparison, where a GPU's sort takes 5.5 us for one token's 384 experts.
-    The order is total (NaNs included), so the indices are always distinct and in range."""
+    ahead of it, and the j-th index is the entry of rank j: a reduction over an [..., E, E]
+    comparison and one over [..., k, E]. For one token's 384 experts on an H100 the step's
+    three fusions took 4.4 us where the sort took 5.4 (``benchmarks/RESULTS.md``). The order
+    is total (NaNs included), so the indices are always distinct and in range."""
     bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
     key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # top_k's total order as int32: -0 < +0, NaN past inf
     e = values.shape[-1]

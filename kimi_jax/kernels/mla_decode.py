@@ -28,8 +28,10 @@ Design. Two launches.
 1. Split kernel, grid ``(row_blocks, splits, B)`` (row blocks fastest, so the programs that
    share a batch row's cache blocks run together). Batch row b's ``nb = cdiv(kv_len,
    block_s)`` visible blocks are shared among its splits, ``per = max(cdiv(nb, splits),
-   cdiv(min_split_slots, block_s))`` blocks each, so the number of splits used shrinks with
-   the visible length (``cdiv(nb, per)``) and the splits past it exit at once. A program
+   min(cdiv(min_split_slots, block_s), cdiv(nb, MIN_SPLITS)))`` blocks each (at least
+   ``min_split_slots`` slots, except that up to ``MIN_SPLITS`` splits share a short row), so
+   the number of splits used shrinks with the visible length (``cdiv(nb, per)``) and the
+   splits past it exit at once. A program
    holds ``block_rows`` rows of q ([block_rows, C + R]) and walks its blocks: it loads
    ``c_kv`` [block_s, C] and ``k_pe`` [block_s, R] (C in ``block_c`` column chunks), scores
    all its rows against them (each row masked by its own position), and updates an online
@@ -74,7 +76,8 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 NUM_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
-MIN_SPLIT_SLOTS = 256  # fewest cache slots a split is given (bounds the partials' bytes)
+MIN_SPLIT_SLOTS = 256  # fewest cache slots a split is given (bounds the partials' bytes)...
+MIN_SPLITS = 4  # ...but a row of fewer blocks than this many splits' worth still uses this many
 BLOCK_S, BLOCK_ROWS = 32, 32  # default cache slots per step, query rows per program
 _LOG2E = math.log2(math.e)
 _LOWEST = float(jnp.finfo(jnp.float32).min)
@@ -110,13 +113,15 @@ def auto_splits(batch: int, rows: int, slots: int, *, block_rows: int = BLOCK_RO
     """The default (static) number of splits for ``rows`` = T*N query rows per batch row.
 
     One wave of programs over the GPU: ``num_sms // (batch * row_blocks)`` (at least 1),
-    capped at the splits a full cache of ``slots`` can use, ``cdiv(cdiv(slots, block_s),
-    cdiv(min_split_slots, block_s))``. At run time each split gets at least
-    ``min_split_slots`` of the visible slots, so short rows use fewer splits than this.
+    capped at the splits a full cache of ``slots`` can use: ``cdiv(cdiv(slots, block_s),
+    cdiv(min_split_slots, block_s))``, or ``MIN_SPLITS`` if more. At run time each split gets
+    at least ``min_split_slots`` of the visible slots (see :func:`_share`), so short rows use
+    fewer splits than this.
     """
     row_blocks = _cdiv(rows, min(block_rows, _pow2_at_least(rows, 16)))
     want = max(1, num_sms // (batch * row_blocks))
-    most = _cdiv(_cdiv(slots, block_s), _cdiv(min_split_slots, block_s))
+    blocks = _cdiv(slots, block_s)
+    most = max(_cdiv(blocks, _cdiv(min_split_slots, block_s)), min(blocks, MIN_SPLITS))
     return max(1, min(want, most))
 
 
@@ -131,9 +136,12 @@ def _visible(pos_ref, b, *, T: int, S: int):
 
 
 def _share(kv_len, splits: int, block_s: int, min_blocks: int):
-    """Blocks per split and the number of splits used, for ``kv_len`` visible slots."""
+    """Blocks per split and the number of splits used, for ``kv_len`` visible slots: at least
+    ``min_blocks`` blocks a split, but up to ``MIN_SPLITS`` splits for a row of fewer blocks
+    than ``MIN_SPLITS * min_blocks`` (latency, not the partials' bytes, bounds a short row:
+    on an H100 a row of about 140 slots took 7.0 us in 3 splits against 11.9 in 1)."""
     nb = _cdiv(kv_len, block_s)
-    per = jnp.maximum(_cdiv(nb, splits), min_blocks)
+    per = jnp.maximum(jnp.maximum(_cdiv(nb, splits), jnp.minimum(min_blocks, _cdiv(nb, MIN_SPLITS))), 1)
     return per, _cdiv(nb, per)
 
 
@@ -230,7 +238,7 @@ def _combine_kernel(pos_ref, acc_ref, m_ref, l_ref, o_ref, *, T: int, N: int, S:
     _, den, out = lax.fori_loop(0, _cdiv(used, sc), add, init)
     out = jnp.where(den[:, None] > 0, out / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
     rows = r0 + lax.broadcasted_iota(jnp.int32, (br,), 0)
-    plgpu.store(o_ref.at[b, pl.ds(r0, br), pl.ds(c0, bc)], out,
+    plgpu.store(o_ref.at[b, pl.ds(r0, br), pl.ds(c0, bc)], out.astype(o_ref.dtype),
                 mask=jnp.broadcast_to((rows < T * N)[:, None], (br, bc)))
 
 
@@ -265,9 +273,10 @@ def tuned_config(batch: int) -> dict:
 def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, rows=None, block_s: int | None = None,
                block_rows: int | None = None, block_c: int | None = None, splits: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, min_split_slots: int = MIN_SPLIT_SLOTS,
-               interpret: bool = False) -> jax.Array:
+               out_dtype=jnp.float32, interpret: bool = False) -> jax.Array:
     """Absorbed MLA attention of ``q`` / ``q_pe`` over layer ``layer`` of the stacked cache's
-    sequences ``rows`` [B] (default the first B): float32 [B, T, N, C].
+    sequences ``rows`` [B] (default the first B): [B, T, N, C] in ``out_dtype`` (the float32
+    result rounded once, by the combine kernel).
 
     ``block_s`` cache slots per step of a program; ``block_rows`` query rows per program (at
     most T*N rounded up to a power of two); ``block_c`` accumulator columns per dot; ``splits``
@@ -303,14 +312,14 @@ def mla_decode(q, q_pe, c_kv, k_pe, layer, positions, *, scale: float, rows=None
                 jnp.asarray(rows, jnp.int32), positions.astype(jnp.int32), T=T, N=N, scale=float(scale),
                 block_s=block_s, block_rows=block_rows,
                 block_c=min(block_c, C), splits=splits, num_warps=num_warps, num_stages=num_stages,
-                min_blocks=_cdiv(min_split_slots, block_s), interpret=interpret)
+                min_blocks=_cdiv(min_split_slots, block_s), out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     return out.reshape(B, T, N, C)
 
 
 @functools.partial(jax.jit, static_argnames=("T", "N", "scale", "block_s", "block_rows", "block_c", "splits",
-                                             "num_warps", "num_stages", "min_blocks", "interpret"))
+                                             "num_warps", "num_stages", "min_blocks", "out_dtype", "interpret"))
 def _call(q, q_pe, c_kv, k_pe, layer, rows, positions, *, T, N, scale, block_s, block_rows, block_c, splits,
-          num_warps, num_stages, min_blocks, interpret):
+          num_warps, num_stages, min_blocks, out_dtype, interpret):
     Bc, L, S, C = c_kv.shape
     B = q.shape[0]
     rows_pad = _cdiv(T * N, block_rows) * block_rows
@@ -332,7 +341,7 @@ def _call(q, q_pe, c_kv, k_pe, layer, rows, positions, *, T, N, scale, block_s, 
     params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(
         functools.partial(_combine_kernel, block_splits=sc, block_rows=cbr, block_c=cbc, **common),
-        out_shape=jax.ShapeDtypeStruct((B, T * N, C), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((B, T * N, C), out_dtype),
         grid=(C // cbc, rows_pad // cbr, B),
         interpret=interpret,
         compiler_params=params,

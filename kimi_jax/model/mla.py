@@ -261,8 +261,8 @@ class MLA(nnx.Module):
         """Absorbed attention over layer ``layer``'s cache (sequences ``rows``) by
         ``kimi_jax.kernels.mla_decode`` (each visible slot read once, straight from the stacked cache): [B, T, D]."""
         out = mla_decode(self._absorb(q_nope, layer, interpret=interpret), q_pe, cache.c_kv, cache.k_pe, layer,
-                         positions, rows=rows, scale=self.cfg.softmax_scale, interpret=interpret)
-        return self._project(out.astype(q_pe.dtype), True, layer, interpret=interpret)
+                         positions, rows=rows, scale=self.cfg.softmax_scale, out_dtype=q_pe.dtype, interpret=interpret)
+        return self._project(out, True, layer, interpret=interpret)
 
     def _attend_cache_xla(self, q_nope, q_pe, cache: LayerCache, layer, positions, rows=None, *, absorbed: bool,
                           key_block: int) -> jax.Array:

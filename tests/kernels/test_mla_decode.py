@@ -113,7 +113,27 @@ def test_auto_splits():
     assert md.auto_splits(200, 64, 32768) == 1
     assert md.auto_splits(1, 64, 1000) == 4  # a short cache: 32 blocks, at least 8 per split
     assert md.auto_splits(1, 64, 1000, min_split_slots=32) == 32
-    assert md.auto_splits(3, 8, 37) == 1
+    assert md.auto_splits(3, 8, 37) == 2  # 2 blocks: one split each (MIN_SPLITS)
+
+
+@pytest.mark.parametrize("kv_len, per, used", [
+    (0, 1, 0), (140, 1, 3), (64 * 8, 2, 4), (64 * 16, 4, 4), (64 * 17, 4, 5), (32768, 8, 64),
+])
+def test_short_rows_still_use_several_splits(kv_len, per, used):
+    """Blocks of 64 slots, 66 splits, at least 4 blocks a split: but up to MIN_SPLITS (4)
+    splits share a row shorter than 16 blocks; long rows are spread over the splits."""
+    got = md._share(jnp.int32(kv_len), 66, 64, 4)
+    assert (int(got[0]), int(got[1])) == (per, used)
+
+
+def test_rounds_once_to_the_output_dtype():
+    """``out_dtype`` bf16: the float32 result rounded once (by the combine kernel)."""
+    args = _inputs(19, B=2, T=1, L=2)
+    positions = jnp.asarray([[3], [30]], jnp.int32)
+    full = _kernel(splits=3, block_s=16)(*args, jnp.int32(1), positions)
+    out = _kernel(splits=3, block_s=16, out_dtype=jnp.bfloat16)(*args, jnp.int32(1), positions)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(full.astype(jnp.bfloat16)))
 
 
 def test_rejects_bad_shapes():

@@ -38,8 +38,9 @@ class LayerCache:
               rows: jax.Array | None = None) -> LayerCache:
         """Stores layer ``layer``'s new entries ``c_kv`` [n, T, C] and ``k_pe`` [n, T, R] at
         slots ``positions`` [n, T] of sequences ``rows`` [n] (distinct; None: all, n = B), in
-        place. Values are cast to the cache's dtype; positions past the cache's end are dropped."""
+        place. Values are cast to the cache's dtype; positions outside ``[0, S)`` are dropped."""
         rows = jnp.arange(positions.shape[0]) if rows is None else rows
+        positions = jnp.where(positions < 0, self.c_kv.shape[2], positions)  # not from the end, as indexing would
         return LayerCache(
             self.c_kv.at[rows[:, None], layer, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
             self.k_pe.at[rows[:, None], layer, positions].set(k_pe.astype(self.k_pe.dtype), mode="drop"),

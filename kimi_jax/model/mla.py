@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kimi_jax.config.model import QK_NORM_EPS, TextConfig
+from kimi_jax.kernels.cache_write import cache_write
+from kimi_jax.kernels.cache_write import fits as cache_write_fits
 from kimi_jax.kernels.mla_decode import fits as mla_decode_fits
 from kimi_jax.kernels.mla_decode import mla_decode
 from kimi_jax.kernels.stacked_heads import fits as stacked_heads_fits
@@ -242,7 +244,7 @@ class MLA(nnx.Module):
         else:  # both down projections of x at once (one launch when read in place)
             qa, kv = projections(x, (self.q_a_proj[...], self.kv_a_proj_with_mqa[...]), layer)
             (q_nope, q_pe), latents = self._queries_from(qa, cos, sin, layer), self._latents_from(kv, cos, sin)
-        cache = cache.write(layer, positions, *latents, rows=rows)
+        cache = self.write_cache(cache, layer, positions, *latents, rows=rows)
         if seen is not None:
             positions = seen
         elif valid is not None:
@@ -253,6 +255,26 @@ class MLA(nnx.Module):
                                              cuda=self.attend_cache_pallas, default=attend)
             return out, cache
         return attend(q_nope, q_pe, cache, layer, positions, rows), cache
+
+    def write_cache(self, cache: LayerCache, layer: jax.Array, positions: jax.Array, c_kv: jax.Array,
+                    k_pe: jax.Array, rows: jax.Array | None = None, *, interpret: bool = False) -> LayerCache:
+        """``cache.write(layer, positions, c_kv, k_pe, rows=rows)``: on NVIDIA GPUs, when the step
+        reads the projections in place (one device: a kernel would see a mesh's whole arrays),
+        by ``kimi_jax.kernels.cache_write`` (one launch where XLA takes five)."""
+        if self.o_proj[...].ndim == 3 or not cache_write_fits(*cache.c_kv.shape[3:], *cache.k_pe.shape[3:]):
+            return cache.write(layer, positions, c_kv, k_pe, rows=rows)
+
+        def kernel(cache, layer, positions, c_kv, k_pe, rows):
+            rows = jnp.arange(positions.shape[0], dtype=jnp.int32) if rows is None else rows
+            return LayerCache(*cache_write(cache.c_kv, cache.k_pe, layer, rows, positions, c_kv, k_pe,
+                                           interpret=interpret))
+
+        def xla(cache, layer, positions, c_kv, k_pe, rows):
+            return cache.write(layer, positions, c_kv, k_pe, rows=rows)
+
+        if interpret:
+            return kernel(cache, layer, positions, c_kv, k_pe, rows)
+        return jax.lax.platform_dependent(cache, layer, positions, c_kv, k_pe, rows, cuda=kernel, default=xla)
 
     def attend_cache_pallas(
         self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array,

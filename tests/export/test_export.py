@@ -89,6 +89,8 @@ def test_k25_exports_for_cuda_on_gpu_8(tmp_path):
     assert manifest["kernels"]["moe"]["kernel"] == "pallas"
     calls = manifest["steps"]["decode"]["custom_calls"]
     assert "__gpu$xla.gpu.triton" in calls and "tpu_custom_call" not in calls
+    module = jax.export.deserialize(bytearray((tmp_path / "decode.jax_export").read_bytes())).mlir_module()
+    assert 'name = "cache_write"' not in module  # a kernel would see the mesh's whole cache: XLA writes it
 
 
 def test_clear_errors(tmp_path):
@@ -115,5 +117,5 @@ def test_k25_exports_for_cuda_on_one_gpu(tmp_path):
     module = jax.export.deserialize(bytearray((tmp_path / "decode.jax_export").read_bytes())).mlir_module()
     kernels = set(re.findall(r'name = "([a-z0-9_]+)"', module))
     assert {"stacked_matmul", "stacked_heads_fold", "stacked_heads_unfold", "mla_decode_split",
-            "mla_decode_combine"} <= kernels
+            "mla_decode_combine", "cache_write"} <= kernels
     assert any(k.startswith("int4_grouped_matmul") for k in kernels)

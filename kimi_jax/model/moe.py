@@ -45,6 +45,7 @@ from kimi_jax.kernels import int4_grouped
 from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul, int4_grouped_matmuls, int4_rows_matmuls
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
+from kimi_jax.kernels.route import route_top_k
 from kimi_jax.model.layers import Buffer, Quantized, project, projections, weight
 from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
 from kimi_jax.parallel.placement import Parallel
@@ -107,9 +108,20 @@ class Router(nnx.Module):
         return self.route(project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32))
 
     def route(self, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """:meth:`__call__` from the float32 logits [T, E]."""
+        """:meth:`__call__` from the float32 logits [T, E]. When the step reads the weights in
+        place (a run's stack: one device), on NVIDIA GPUs the choice and the weights are one
+        kernel's (``kimi_jax.kernels.route``; ``n_group == 1``, as K2.5)."""
         scores = jax.nn.sigmoid(logits)
-        weights, idx = select_experts(scores, self.e_score_correction_bias[...], self.cfg)
+        bias, cfg = self.e_score_correction_bias[...], self.cfg
+        if self.weight[...].ndim == 2 or cfg.n_group > 1:
+            return (*select_experts(scores, bias, cfg), scores)
+
+        def kernel(scores, bias):
+            return route_top_k(scores, bias, cfg.num_experts_per_tok, normalize=cfg.norm_topk_prob,
+                               factor=cfg.routed_scaling_factor)
+
+        weights, idx = jax.lax.platform_dependent(scores, bias, cuda=kernel,
+                                                  default=lambda s, b: select_experts(s, b, cfg))
         return weights, idx, scores
 
 

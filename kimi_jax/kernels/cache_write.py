@@ -5,9 +5,9 @@ With the latents ``c_kv`` [Bc, L, S, C] and roped keys ``k_pe`` [Bc, L, S, R] of
 layers, a cached step stores each new token's latent and key at ``(rows[i], layer,
 positions[i, t])``. XLA lowers that scatter (``kimi_jax.model.cache.LayerCache.write``, the
 reference) at one token to five kernels per layer (the in-bounds test, a read of the old entry
-and an in-place update for each array): on an H100 about 8 us of the 270 us of a K2.5 decode
-layer. Here one program per new token stores both rows, nothing else is read, and positions
-outside ``[0, S)`` are dropped (the reference's ``mode="drop"``).
+and an in-place update for each array): on an H100 about 8 us a K2.5 decode layer. Here one
+program per new token stores both rows, nothing else is read, and positions outside ``[0, S)``
+are dropped (the reference's ``mode="drop"``).
 
 The cache arrays are aliased to the outputs: the update is in place when they are donated (as a
 decode step's cache is, and a scan's carry). C and R must be powers of two >= 16 (a Triton

@@ -257,7 +257,7 @@ class MLA(nnx.Module):
         return attend(q_nope, q_pe, cache, layer, positions, rows), cache
 
     def write_cache(self, cache: LayerCache, layer: jax.Array, positions: jax.Array, c_kv: jax.Array,
-                    k_pe: jax.Array, rows: jax.Array | None = None, *, interpret: bool = False) -> LayerCache:
+                    k_pe: jax.Array, rows: jax.Array | None = None) -> LayerCache:
         """``cache.write(layer, positions, c_kv, k_pe, rows=rows)``: on NVIDIA GPUs, when the step
         reads the projections in place (one device: a kernel would see a mesh's whole arrays),
         by ``kimi_jax.kernels.cache_write`` (one launch where XLA takes five)."""
@@ -266,14 +266,11 @@ class MLA(nnx.Module):
 
         def kernel(cache, layer, positions, c_kv, k_pe, rows):
             rows = jnp.arange(positions.shape[0], dtype=jnp.int32) if rows is None else rows
-            return LayerCache(*cache_write(cache.c_kv, cache.k_pe, layer, rows, positions, c_kv, k_pe,
-                                           interpret=interpret))
+            return LayerCache(*cache_write(cache.c_kv, cache.k_pe, layer, rows, positions, c_kv, k_pe))
 
         def xla(cache, layer, positions, c_kv, k_pe, rows):
             return cache.write(layer, positions, c_kv, k_pe, rows=rows)
 
-        if interpret:
-            return kernel(cache, layer, positions, c_kv, k_pe, rows)
         return jax.lax.platform_dependent(cache, layer, positions, c_kv, k_pe, rows, cuda=kernel, default=xla)
 
     def attend_cache_pallas(

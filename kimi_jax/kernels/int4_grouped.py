@@ -70,9 +70,10 @@ result differs from the reference by that rounding. Each nibble position j multi
 inputs ``8 c + j``: a strided gather from x as it lies, or with ``Config.x_planes`` one
 contiguous load from x laid out ``[M, 8, in / 8]`` (a transpose of a few KB before the
 kernel, which XLA can fuse into the op that makes x). The default up to 8 rows and in
-per-row mode (:func:`rows_config`, planes of x and 512-input blocks): on an H100 the per-row
-gate + up launch read at 2.0 TB/s, 9% faster than strided x with 256-input blocks
-(``benchmarks/RESULTS.md``). About 3 operations per weight remain (shift, and-or,
+per-row mode (:func:`rows_config`) is strided x with 256-input blocks: in a whole decode step
+on an H100 the gate + up launch took 74.5 us that way against 82 us with planes of x (512-
+or 256-input blocks), although alone, in a microbenchmark, planes with 512-input blocks were
+the faster (65.7 against 72.0 us; ``benchmarks/RESULTS.md``). About 3 operations per weight remain (shift, and-or,
 multiply-add): 8 experts' three projections are 3.5e8 weights, 3.3e7 warp instructions,
 36 us of issue on an H100's 132 SMs, against 62 us to read them at 3.2 TB/s: a large share
 that overlaps the loads only in part.
@@ -174,14 +175,14 @@ class Config:
 
 def rows_config(n: int, k: int) -> Config:
     """One-row tiles for a weight ``[out n, in k]`` at one token (the per-row kernel's default,
-    and the grouped kernel's up to 8 rows), from H100 sweeps (``benchmarks/RESULTS.md``):
-    x as planes (``x_planes``) with 512-input blocks, 128 outputs a tile, 8 warps and split-K
-    in two for inputs of 4096 and more (K2.5's gate / up); 64 outputs, 4 warps otherwise. At
-    K2.5's sizes gate + up took 65.7 us against 72.0 with 256-input blocks and strided x,
-    down 33.5 against 36.8 (each alone was slower)."""
+    and the grouped kernel's up to 8 rows), from H100 sweeps and decode-step profiles
+    (``benchmarks/RESULTS.md``): 256-input blocks of strided x, 128 outputs a tile, 8 warps and
+    split-K in two for inputs of 4096 and more (K2.5's gate / up); 64 outputs, 4 warps
+    otherwise. ``x_planes`` with 512-input blocks won a microbenchmark but lost inside the
+    decode step (gate + up 82 against 74.5 us a layer)."""
     wide = k >= 4096
-    return fit_config(Config(block_n=128 if wide else 64, block_k=512, num_warps=8 if wide else 4, num_stages=3,
-                             gemv=True, splits=2 if wide else 1, x_planes=True), n, k)
+    return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
+                             gemv=True, splits=2 if wide else 1), n, k)
 
 
 def default_config(m: int, e: int, n: int, k: int) -> Config:

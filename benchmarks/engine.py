@@ -93,15 +93,31 @@ def uniform_experts(E: int, K: int, tokens: int) -> float:
 def routed_experts(model, prompts: list[list[int]], chunk: int = 8) -> float:
     """The distinct experts per MoE layer (mean over the layers) that the prompts' last tokens
     are routed to: what a decode step of these sequences reads, where the random model's
-    routing is narrower than uniform (it is, in the deeper layers of a cut)."""
+    routing is narrower than uniform (it is, in the deeper layers of a cut).
+
+    The prompts (of one length) are prefilled as the engine prefills, by the cached step that
+    reads the INT4 experts in place, with the routers' choices captured."""
+    cfg = model.config.text
+    lm = model.language_model
+
+    @nnx.jit
+    def last_routes(lm, ids):
+        B, T = ids.shape
+        cache = KVCache.create(cfg, B, T)
+        extend = functools.partial(lm.extend, absorbed=True, key_block=key_block_for(cfg, B, T, T, None))
+        _, sown = nnx.capture(lambda lm: extend(ids, jnp.full((B,), T, jnp.int32), cache), nnx.Intermediate)(lm)
+        return [var.get_value()[0].reshape(-1, B, T, cfg.num_experts_per_tok)[:, :, -1]  # [layers, B, K]
+                for path, var in nnx.to_flat_state(sown) if path[-1] == "router_idx"]
+
     chosen = collections.defaultdict(set)
-    K = model.config.text.num_experts_per_tok
-    for i in range(0, len(prompts), chunk):
-        ids = jnp.asarray(prompts[i:i + chunk], jnp.int32)
-        _, named = model.trace(ids)
-        for name, idx in named.items():
-            if name.endswith("router_idx"):
-                chosen[name].update(np.asarray(idx).reshape(len(ids), -1, K)[:, -1].ravel().tolist())
+    lm.set_attributes(capture=True, raise_if_not_found=False)
+    try:
+        for i in range(0, len(prompts), chunk):
+            for run, idx in enumerate(last_routes(lm, jnp.asarray(prompts[i:i + chunk], jnp.int32))):
+                for layer, per_layer in enumerate(np.asarray(idx)):
+                    chosen[run, layer].update(per_layer.ravel().tolist())
+    finally:
+        lm.set_attributes(capture=False, raise_if_not_found=False)
     return float(np.mean([len(s) for s in chosen.values()]))
 
 

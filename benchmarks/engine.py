@@ -99,25 +99,25 @@ def routed_experts(model, prompts: list[list[int]], chunk: int = 8) -> float:
     reads the INT4 experts in place, with the routers' choices captured."""
     cfg = model.config.text
     lm = model.language_model
+    lm.set_attributes(capture=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(lm)
+    lm.set_attributes(capture=False, raise_if_not_found=False)
 
-    @nnx.jit
-    def last_routes(lm, ids):
+    @jax.jit  # over the split state: nnx.jit would return the state it changed (sown), a copy of every weight
+    def last_routes(state, ids):
         B, T = ids.shape
         cache = KVCache.create(cfg, B, T)
-        extend = functools.partial(lm.extend, absorbed=True, key_block=key_block_for(cfg, B, T, T, None))
-        _, sown = nnx.capture(lambda lm: extend(ids, jnp.full((B,), T, jnp.int32), cache), nnx.Intermediate)(lm)
+        block = key_block_for(cfg, B, T, T, None)
+        _, sown = nnx.capture(lambda lm: lm.extend(ids, jnp.full((B,), T, jnp.int32), cache, absorbed=True,
+                                                   key_block=block), nnx.Intermediate)(nnx.merge(graphdef, state))
         return [var.get_value()[0].reshape(-1, B, T, cfg.num_experts_per_tok)[:, :, -1]  # [layers, B, K]
                 for path, var in nnx.to_flat_state(sown) if path[-1] == "router_idx"]
 
     chosen = collections.defaultdict(set)
-    lm.set_attributes(capture=True, raise_if_not_found=False)
-    try:
-        for i in range(0, len(prompts), chunk):
-            for run, idx in enumerate(last_routes(lm, jnp.asarray(prompts[i:i + chunk], jnp.int32))):
-                for layer, per_layer in enumerate(np.asarray(idx)):
-                    chosen[run, layer].update(per_layer.ravel().tolist())
-    finally:
-        lm.set_attributes(capture=False, raise_if_not_found=False)
+    for i in range(0, len(prompts), chunk):
+        for run, idx in enumerate(last_routes(state, jnp.asarray(prompts[i:i + chunk], jnp.int32))):
+            for layer, per_layer in enumerate(np.asarray(idx)):
+                chosen[run, layer].update(per_layer.ravel().tolist())
     return float(np.mean([len(s) for s in chosen.values()]))
 
 

@@ -46,9 +46,11 @@ leading ``layers`` axis in the weights' metadata."""
 
 
 IN_PLACE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
-                        "up_proj", "down_proj", "gate/weight")
-"""The projections a cached step reads from a run's stack in place: attention's, the dense
-MLPs', the shared experts' and the router's (``gate/weight``: a path's last names)."""
+                        "up_proj", "down_proj", "gate/weight", "kv_a_layernorm", "gate/e_score_correction_bias")
+"""The weights a cached step reads from a run's stack in place: attention's, the dense MLPs',
+the shared experts' and the router's projections (``gate/weight``: a path's last names), and
+the small weights that kernels take beside them (the latent's norm, the router's bias: a
+layer sliced out of a stack for a kernel is a copy, one more launch)."""
 
 
 def in_place_weight(path: tuple, value) -> bool:

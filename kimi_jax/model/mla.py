@@ -80,10 +80,13 @@ class MLA(nnx.Module):
         (``layer``: see :func:`~kimi_jax.model.layers.project`)."""
         return self._latents_from(project("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], layer), cos, sin)
 
-    def _latents_from(self, kv: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """:meth:`latents` from the kv down projection ``kv`` [B, S, C + R]."""
+    def _latents_from(self, kv: jax.Array, cos: jax.Array, sin: jax.Array,
+                      layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """:meth:`latents` from the kv down projection ``kv`` [B, S, C + R] (``layer``: of the
+        norm's weight when it comes as a run's stack, as in a cached step)."""
         C = self.cfg.kv_lora_rank
-        c_kv = rms_norm(kv[..., :C], self.kv_a_layernorm[...], QK_NORM_EPS)
+        scale = self.kv_a_layernorm[...]
+        c_kv = rms_norm(kv[..., :C], scale if scale.ndim == 1 else layer_of(scale, layer), QK_NORM_EPS)
         return c_kv, apply_rope(kv[..., C:], cos, sin)
 
     def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, layer=None) -> jax.Array:
@@ -240,11 +243,12 @@ class MLA(nnx.Module):
         Returns [B, T, D] and the updated cache.
         """
         if self.cfg.q_lora_rank is None:
-            (q_nope, q_pe), latents = self.queries(x, cos, sin, layer), self.latents(x, cos, sin, layer)
+            q_nope, q_pe = self.queries(x, cos, sin, layer)
+            kv = project("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], layer)
         else:  # both down projections of x at once (one launch when read in place)
             qa, kv = projections(x, (self.q_a_proj[...], self.kv_a_proj_with_mqa[...]), layer)
-            (q_nope, q_pe), latents = self._queries_from(qa, cos, sin, layer), self._latents_from(kv, cos, sin)
-        cache = self.write_cache(cache, layer, positions, *latents, rows=rows)
+            q_nope, q_pe = self._queries_from(qa, cos, sin, layer)
+        cache = self.write_cache(cache, layer, positions, kv, cos, sin, rows=rows)
         if seen is not None:
             positions = seen
         elif valid is not None:
@@ -256,22 +260,27 @@ class MLA(nnx.Module):
             return out, cache
         return attend(q_nope, q_pe, cache, layer, positions, rows), cache
 
-    def write_cache(self, cache: LayerCache, layer: jax.Array, positions: jax.Array, c_kv: jax.Array,
-                    k_pe: jax.Array, rows: jax.Array | None = None) -> LayerCache:
-        """``cache.write(layer, positions, c_kv, k_pe, rows=rows)``: on NVIDIA GPUs, when the step
-        reads the projections in place (one device: a kernel would see a mesh's whole arrays),
-        by ``kimi_jax.kernels.cache_write`` (one launch where XLA takes five)."""
-        if self.o_proj[...].ndim == 3 or not cache_write_fits(*cache.c_kv.shape[3:], *cache.k_pe.shape[3:]):
-            return cache.write(layer, positions, c_kv, k_pe, rows=rows)
+    def write_cache(self, cache: LayerCache, layer: jax.Array, positions: jax.Array, kv: jax.Array, cos: jax.Array,
+                    sin: jax.Array, rows: jax.Array | None = None) -> LayerCache:
+        """``cache.write(layer, positions, *self._latents_from(kv, cos, sin, layer), rows=rows)``: the
+        latents of the kv down projection ``kv`` [n, T, C + R] stored. On NVIDIA GPUs, when the
+        step reads the projections in place (one device: a kernel would see a mesh's whole
+        arrays), by ``kimi_jax.kernels.cache_write``, which also normalizes and rotates (one
+        launch where XLA takes eight)."""
+        C, R = self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
 
-        def kernel(cache, layer, positions, c_kv, k_pe, rows):
+        def xla(cache, layer, positions, kv, cos, sin, rows):
+            return cache.write(layer, positions, *self._latents_from(kv, cos, sin, layer), rows=rows)
+
+        if self.o_proj[...].ndim == 3 or not cache_write_fits(C, R):
+            return xla(cache, layer, positions, kv, cos, sin, rows)
+
+        def kernel(cache, layer, positions, kv, cos, sin, rows):
             rows = jnp.arange(positions.shape[0], dtype=jnp.int32) if rows is None else rows
-            return LayerCache(*cache_write(cache.c_kv, cache.k_pe, layer, rows, positions, c_kv, k_pe))
+            return LayerCache(*cache_write(cache.c_kv, cache.k_pe, layer, rows, positions, kv,
+                                           norm=(self.kv_a_layernorm[...], QK_NORM_EPS), rope=(cos, sin)))
 
-        def xla(cache, layer, positions, c_kv, k_pe, rows):
-            return cache.write(layer, positions, c_kv, k_pe, rows=rows)
-
-        return jax.lax.platform_dependent(cache, layer, positions, c_kv, k_pe, rows, cuda=kernel, default=xla)
+        return jax.lax.platform_dependent(cache, layer, positions, kv, cos, sin, rows, cuda=kernel, default=xla)
 
     def attend_cache_pallas(
         self, q_nope: jax.Array, q_pe: jax.Array, cache: LayerCache, layer: jax.Array, positions: jax.Array,

@@ -46,7 +46,7 @@ from kimi_jax.kernels.grouped import ragged_dot
 from kimi_jax.kernels.int4_grouped import int4_grouped_matmul, int4_grouped_matmuls, int4_rows_matmuls
 from kimi_jax.kernels.int4_grouped_tpu import int4_grouped_matmul_tpu
 from kimi_jax.kernels.route import route_top_k
-from kimi_jax.model.layers import Buffer, Quantized, project, projections, weight
+from kimi_jax.model.layers import Buffer, Quantized, layer_of, project, projections, weight
 from kimi_jax.parallel.expert import expert_parallel_moe, group_by_expert
 from kimi_jax.parallel.placement import Parallel
 from kimi_jax.quant.formats import dequantize, int4_ragged_dot
@@ -98,30 +98,39 @@ class Router(nnx.Module):
         self.weight = weight(rngs, (cfg.hidden_size, E), ("embed", "router"), dtype)
         self.e_score_correction_bias = weight(rngs, (E,), ("router",), jnp.float32, init="zeros", kind=Buffer)
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None,
+                 valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Routes tokens ``x`` [T, D] (``layer``: see :func:`~kimi_jax.model.layers.project`).
 
         Returns the combine weights [T, K] (float32), the chosen experts [T, K] (int32) and
         the sigmoid scores [T, E] (float32). The logits are float32 products of float32
-        inputs, as the reference.
+        inputs, as the reference. Tokens where ``valid`` [T] (bool; None: all) is False choose
+        expert E, that is none.
         """
-        return self.route(project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32))
+        return self.route(project("td,de->te", x, self.weight[...], layer, out_dtype=jnp.float32), valid, layer)
 
-    def route(self, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def route(self, logits: jax.Array, valid: jax.Array | None = None,
+              layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """:meth:`__call__` from the float32 logits [T, E]. When the step reads the weights in
-        place (a run's stack: one device), on NVIDIA GPUs the choice and the weights are one
-        kernel's (``kimi_jax.kernels.route``; ``n_group == 1``, as K2.5)."""
+        place (a run's stack, layer ``layer`` of it: one device), on NVIDIA GPUs the sigmoid,
+        the choice, the weights and the idle tokens' mask are one kernel's
+        (``kimi_jax.kernels.route``; ``n_group == 1``, as K2.5)."""
         scores = jax.nn.sigmoid(logits)
         bias, cfg = self.e_score_correction_bias[...], self.cfg
-        if self.weight[...].ndim == 2 or cfg.n_group > 1:
-            return (*select_experts(scores, bias, cfg), scores)
 
-        def kernel(scores, bias):
-            return route_top_k(scores, bias, cfg.num_experts_per_tok, normalize=cfg.norm_topk_prob,
-                               factor=cfg.routed_scaling_factor)
+        def xla(logits, bias, valid, layer):
+            bias = bias if bias.ndim == 1 else layer_of(bias, layer)
+            weights, idx = select_experts(jax.nn.sigmoid(logits), bias, cfg)
+            return weights, idx if valid is None else jnp.where(valid[:, None], idx, cfg.n_routed_experts)
 
-        weights, idx = jax.lax.platform_dependent(scores, bias, cuda=kernel,
-                                                  default=lambda s, b: select_experts(s, b, cfg))
+        if bias.ndim == 1 or cfg.n_group > 1:
+            return (*xla(logits, bias, valid, layer), scores)
+
+        def kernel(logits, bias, valid, layer):
+            return route_top_k(logits, bias, cfg.num_experts_per_tok, normalize=cfg.norm_topk_prob,
+                               factor=cfg.routed_scaling_factor, valid=valid, layer=layer)
+
+        weights, idx = jax.lax.platform_dependent(logits, bias, valid, layer, cuda=kernel, default=xla)
         return weights, idx, scores
 
 
@@ -521,13 +530,15 @@ class MoE(nnx.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         shared = self.shared_experts
+        # past every group: idle tokens choose expert E (the reference path takes only real experts)
+        idle = None if valid is None or self.impl == "reference" else valid.reshape(-1)
         if shared is None:
-            weights, idx, scores = self.gate(tokens, layer)
+            weights, idx, scores = self.gate(tokens, layer, idle)
         else:  # the projections of the tokens at once (one launch when read in place)
             logits, shared_gate, shared_up = projections(
                 tokens, (self.gate.weight[...], shared.gate_proj[...], shared.up_proj[...]), layer,
                 out_dtypes=(jnp.float32, None, None))
-            weights, idx, scores = self.gate.route(logits)
+            weights, idx, scores = self.gate.route(logits, idle, layer)
         if self.capture:
             self.sow(nnx.Intermediate, "router_scores", scores)
             self.sow(nnx.Intermediate, "router_idx", idx)
@@ -538,8 +549,6 @@ class MoE(nnx.Module):
             per_expert = experts_reference(self.experts, tokens, idx, layer)
             routed = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), weights).astype(x.dtype)
         else:
-            if valid is not None:  # past every group
-                idx = jnp.where(valid.reshape(-1, 1), idx, self.experts.n_experts)
             if self.parallel is not None:
                 routed = self._expert_parallel(tokens, idx, weights, self.parallel.mesh, self.parallel.layout, layer)
             else:

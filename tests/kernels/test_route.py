@@ -19,9 +19,9 @@ def _reference(scores, bias, k, normalize):
     return select_experts(scores, bias, cfg)
 
 
-def _check(scores, bias, k, normalize=True):
-    want_w, want_i = _reference(scores, bias, k, normalize)
-    got_w, got_i = route_top_k(scores, bias, k, normalize=normalize, factor=K25.routed_scaling_factor,
+def _check(logits, bias, k, normalize=True):
+    want_w, want_i = _reference(jax.nn.sigmoid(logits), bias, k, normalize)
+    got_w, got_i = route_top_k(logits, bias, k, normalize=normalize, factor=K25.routed_scaling_factor,
                                interpret=True)
     assert got_i.dtype == jnp.int32 and got_w.dtype == jnp.float32 and got_w.shape == want_w.shape
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
@@ -32,27 +32,42 @@ def _check(scores, bias, k, normalize=True):
                                                 (2, 16, 16, True)])
 def test_matches_the_reference(T, E, k, normalize):
     rng = np.random.default_rng(E + T)
-    scores = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((T, E)), jnp.float32))
+    logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(E) * 0.1, jnp.float32)
-    _check(scores, bias, k, normalize)
+    _check(logits, bias, k, normalize)
 
 
 def test_ties_and_special_values_in_top_k_order():
-    """Ties go to the lower index; NaN ranks above inf, -0 below +0; repeated values are each taken once."""
-    scores = jnp.asarray([[0.5, 0.5, 0.1, 0.5, 0.9, 0.0, 0.0, 0.2, 0.2, 0.2],
-                          [0.1, jnp.nan, 0.3, jnp.inf, -0.0, 0.0, 0.3, -jnp.inf, 0.1, -0.0]], jnp.float32)
-    bias = jnp.full(10, -0.0, jnp.float32)  # keeps each zero's sign (-0 + 0 would be +0)
-    _check(scores, bias, 7, normalize=False)
-    _, idx = route_top_k(scores, bias, 7, normalize=False, factor=1.0, interpret=True)
-    assert idx[0].tolist() == [4, 0, 1, 3, 7, 8, 9] and idx[1].tolist() == [1, 3, 2, 6, 0, 8, 5]
+    """Ties go to the lower index; repeated values are each taken once; infinite logits are scores
+    0 and 1; a NaN logit (its score's sign bit is the sigmoid's) takes top_k's place."""
+    logits = jnp.asarray([[0.5, 0.5, 0.1, 0.5, 0.9, 0.0, 0.0, 0.2, 0.2, 0.2],
+                          [0.1, 0.3, 0.3, jnp.inf, -jnp.inf, 0.0, 0.3, -jnp.inf, 0.1, 0.0],
+                          [0.1, jnp.nan, 0.3, jnp.inf, -jnp.inf, 0.0, 0.3, -jnp.inf, 0.1, 0.0]], jnp.float32)
+    bias = jnp.zeros(10, jnp.float32)
+    _check(logits, bias, 7, normalize=False)
+    _, idx = route_top_k(logits, bias, 7, normalize=False, factor=1.0, interpret=True)
+    assert idx[0].tolist() == [4, 0, 1, 3, 7, 8, 9] and idx[1].tolist() == [3, 1, 2, 6, 0, 8, 5]
 
 
 def test_bias_chooses_but_does_not_weigh():
-    scores = jnp.asarray([[0.9, 0.2, 0.3, 0.1]], jnp.float32)
+    logits = jnp.asarray([[2.0, -1.0, 0.0, -2.0]], jnp.float32)
     bias = jnp.asarray([0.0, 1.0, 0.0, 0.0], jnp.float32)
-    w, idx = route_top_k(scores, bias, 2, normalize=False, factor=2.0, interpret=True)
+    w, idx = route_top_k(logits, bias, 2, normalize=False, factor=2.0, interpret=True)
     assert idx.tolist() == [[1, 0]]
-    np.testing.assert_allclose(np.asarray(w), [[0.4, 1.8]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(w), 2 * jax.nn.sigmoid(logits[:, [1, 0]]), rtol=1e-6)
+
+
+def test_idle_tokens_choose_no_expert():
+    """Where ``valid`` is False every choice is E (past every expert); the others are unchanged."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    bias = jnp.zeros(16, jnp.float32)
+    w_all, i_all = route_top_k(logits, bias, 4, normalize=True, factor=1.0, interpret=True)
+    w, idx = route_top_k(logits, bias, 4, normalize=True, factor=1.0, valid=jnp.asarray([True, False, True]),
+                         interpret=True)
+    assert idx[1].tolist() == [16] * 4
+    np.testing.assert_array_equal(np.asarray(idx)[[0, 2]], np.asarray(i_all)[[0, 2]])
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w_all))
 
 
 def test_rejects_bad_inputs():
@@ -63,3 +78,19 @@ def test_rejects_bad_inputs():
         route_top_k(scores, bias, 9, normalize=True, factor=1.0)
     with pytest.raises(ValueError, match="float32"):
         route_top_k(scores.astype(jnp.bfloat16), bias, 2, normalize=True, factor=1.0)
+    with pytest.raises(ValueError, match="valid"):
+        route_top_k(scores, bias, 2, normalize=True, factor=1.0, valid=jnp.ones(3, bool))
+
+
+def test_a_layer_of_a_stack_of_biases():
+    """``bias`` [L, E] with ``layer``: row ``layer`` (clamped) is used, read in place."""
+    rng = np.random.default_rng(9)
+    logits = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+    stack = jnp.asarray(rng.standard_normal((3, 32)), jnp.float32)
+    for layer, row in ((0, 0), (2, 2), (7, 2)):
+        got = route_top_k(logits, stack, 4, normalize=True, factor=1.0, layer=jnp.int32(layer), interpret=True)
+        want = route_top_k(logits, stack[row], 4, normalize=True, factor=1.0, interpret=True)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(ValueError, match="bias"):
+        route_top_k(logits, stack, 4, normalize=True, factor=1.0)  # a stack needs a layer

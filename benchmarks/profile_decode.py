@@ -15,7 +15,8 @@ Every time is per decode step (an engine step of a ``--burst`` engine runs that 
     PYTHONPATH=. python benchmarks/profile_decode.py [--layers 8] [--slots 64 1] [--top 40]
 
 Prints tables and appends one JSON line per engine to ``benchmarks/results/profile.jsonl``;
-``--trace-dir`` keeps the raw profile.
+``--trace-dir`` keeps the raw profile (and, with ``--sources``, the HLO dump in its ``hlo``
+folder: the kernels XLA emits without a fusion, such as copies, are found there by hand).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="the request's top_p (below 1: sampled at temperature 1 through the top-p filter)")
     parser.add_argument("--top", type=int, default=40, help="kernels printed and recorded")
-    parser.add_argument("--trace-dir", help="keep the raw profile here (default: a temporary folder)")
+    parser.add_argument("--trace-dir", help="keep the raw profile (and the HLO dump of --sources) here "
+                                            "(default: a temporary folder)")
     parser.add_argument("--sources", action="store_true",
                         help="name each kernel's JAX operation and source line (dumps the step's optimized HLO)")
     parser.add_argument("--tiny", action="store_true", help="shrink the widths (CPU smoke run)")
@@ -57,8 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if args.sources:  # before the first computation creates the backend, which reads the flags
-        dump = tempfile.TemporaryDirectory()
-        dump_dir = dump.name
+        dump = None if args.trace_dir else tempfile.TemporaryDirectory()
+        dump_dir = f"{args.trace_dir}/hlo" if args.trace_dir else dump.name
         os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text "
                                    "--xla_dump_hlo_module_re=.*decode_step.*").strip()
 
@@ -131,7 +133,7 @@ def main() -> None:
                top=[[name[:120], n, round(us, 1), *([sources.get(name, "")] if args.sources else [])]
                     for name, n, us in rows[: args.top]])
         del engine
-    if args.sources:
+    if args.sources and dump is not None:
         dump.cleanup()
 
 

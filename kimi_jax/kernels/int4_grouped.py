@@ -71,10 +71,10 @@ inputs ``8 c + j``: a strided gather from x as it lies, or with ``Config.x_plane
 contiguous load from x laid out ``[M, 8, in / 8]`` (a transpose of a few KB before the
 kernel, which XLA can fuse into the op that makes x). The default up to 8 rows and in
 per-row mode (:func:`rows_config`) is strided x with 256-input blocks: in a whole decode step
-on an H100 the gate + up launch took 74.5 us that way against 82 us with planes of x (512-
-or 256-input blocks), although alone, in a microbenchmark, planes with 512-input blocks were
-the faster (65.7 against 72.0 us; ``benchmarks/RESULTS.md``). About 3 operations per weight remain (shift, and-or,
-multiply-add): 8 experts' three projections are 3.5e8 weights, 3.3e7 warp instructions,
+on an H100 the gate + up launch took 71.9 us that way against 81.7 and 85.5 us with planes of
+x (512- and 256-input blocks, one run), although alone, in a microbenchmark of the same run,
+planes with 512-input blocks were the faster (65.6 against 72.2 us; ``benchmarks/RESULTS.md``).
+About 3 operations per weight remain (shift, and-or, multiply-add): 8 experts' three projections are 3.5e8 weights, 3.3e7 warp instructions,
 36 us of issue on an H100's 132 SMs, against 62 us to read them at 3.2 TB/s: a large share
 that overlaps the loads only in part.
 
@@ -179,7 +179,7 @@ def rows_config(n: int, k: int) -> Config:
     (``benchmarks/RESULTS.md``): 256-input blocks of strided x, 128 outputs a tile, 8 warps and
     split-K in two for inputs of 4096 and more (K2.5's gate / up); 64 outputs, 4 warps
     otherwise. ``x_planes`` with 512-input blocks won a microbenchmark but lost inside the
-    decode step (gate + up 82 against 74.5 us a layer)."""
+    decode step (gate + up 81.7 against 71.9 us a layer, one H100 run)."""
     wide = k >= 4096
     return fit_config(Config(block_n=128 if wide else 64, block_k=256, num_warps=8 if wide else 4, num_stages=3,
                              gemv=True, splits=2 if wide else 1), n, k)
